@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "--version":
         parser.parse_args(argv)
     if argv[0] in ("-v", "--verbose"):
-        argv = argv[1:] + ["--verbose"]
+        argv = [*argv[1:], "--verbose"]
     if argv[0] not in SUBCOMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
     return run_subcommand(argv[0], argv[1:])

@@ -26,11 +26,14 @@ class Observation:
         image: main camera, uint8 RGB, shape (H, W, 3), upright.
         proprio: float32 (4,) = hand xyz (m) + gripper opening.
         wrist_image: optional wrist camera, uint8 RGB (H, W, 3).
+        state: optional full simulator state (Meta-World's 39-d observation). Learned policies
+            never read it; scripted experts and metrics may.
     """
 
     image: np.ndarray
     proprio: np.ndarray
     wrist_image: np.ndarray | None = None
+    state: np.ndarray | None = None
 
 
 @runtime_checkable

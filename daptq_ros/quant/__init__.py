@@ -1,0 +1,1 @@
+"""daptq_ros.quant."""
