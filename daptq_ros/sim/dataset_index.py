@@ -8,6 +8,7 @@ Layout (see docs/architecture.md, "Demo episodes"): ``DIR/<task>/<task>_s<seed>.
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -23,6 +24,27 @@ _NAME_RE = re.compile(r"^(?P<task>.+)_s(?P<seed>\d+)\.npz$")
 
 class EpisodeFormatError(ValueError):
     """A demonstration file is missing keys or has wrong shapes/dtypes; names file and key."""
+
+
+def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez_compressed`` to a temporary name, fsync, then rename over ``path``.
+
+    A killed writer therefore never leaves a half-written ``.npz`` behind (only a ``*.tmp<pid>``
+    file, which readers ignore).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def episode_path(root: str | Path, task: str, seed: int) -> Path:

@@ -10,7 +10,6 @@ skips episodes that already exist (resume).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from daptq_ros.sim.dataset_index import episode_path, list_episodes, parse_episode_name
+from daptq_ros.sim.dataset_index import episode_path, list_episodes, parse_episode_name, write_npz_atomic
 from daptq_ros.sim.parallel import make_executor
 from daptq_ros.sim.tasks import canonical_instruction, parse_tasks
 
@@ -93,29 +92,17 @@ def record_episode(env: Any, expert: Any, seed: int, max_steps: int) -> dict[str
 
 def save_episode(path: str | Path, episode: dict[str, Any]) -> Path:
     """Write ``episode`` atomically (temp file + rename) with ``np.savez_compressed``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     arrays = {
-        "image": episode["image"],
-        "proprio": episode["proprio"],
-        "state": episode["state"],
-        "action": episode["action"],
+        "image": np.asarray(episode["image"], dtype=np.uint8),
+        "proprio": np.asarray(episode["proprio"], dtype=np.float32),
+        "state": np.asarray(episode["state"], dtype=np.float32),
+        "action": np.asarray(episode["action"], dtype=np.float32),
         "instruction": np.array(str(episode["instruction"])),
         "task": np.array(str(episode["task"])),
         "seed": np.array(int(episode["seed"]), dtype=np.int64),
         "success": np.array(bool(episode["success"])),
     }
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_npz_atomic(path, arrays)
 
 
 # ---------------------------------------------------------------------------- worker side

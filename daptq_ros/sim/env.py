@@ -38,6 +38,8 @@ from daptq_ros.policy_api import Observation
 from daptq_ros.sim.tasks import check_task
 
 logger = logging.getLogger(__name__)
+# PyOpenGL logs "No OpenGL_accelerate module loaded" at INFO on import; it is not actionable.
+logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)
 
 EVAL_SEED_START = 100_000
 """First evaluation seed; demonstration seeds stay below it."""

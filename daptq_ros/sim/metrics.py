@@ -99,6 +99,18 @@ def action_rms_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean((a[:n] - b[:n]) ** 2, axis=0))
 
 
+def pooled_rms(rms: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
+    """Combine per-episode RMS values (each (A,), over ``counts[i]`` steps) into one RMS over all
+    steps: ``sqrt(sum(n_i * rms_i**2) / sum(n_i))``. Zeros when no steps."""
+    if len(rms) != len(counts):
+        raise ValueError(f"got {len(rms)} RMS vectors but {len(counts)} counts")
+    n = np.asarray(counts, dtype=np.float64)
+    if not len(rms) or n.sum() == 0:
+        return np.zeros(np.asarray(rms[0]).shape if len(rms) else (0,))
+    sq = np.stack([np.asarray(r, dtype=np.float64) ** 2 for r in rms])
+    return np.sqrt((n[:, None] * sq).sum(axis=0) / n.sum())
+
+
 def open_loop_errors(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Absolute per-DoF error of paired chunk predictions over their common horizon.
 

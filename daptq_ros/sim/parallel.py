@@ -8,8 +8,8 @@ avoids the spawn cost (imports, policy loading) for small runs and tests.
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any
 
 
@@ -64,3 +64,29 @@ def make_executor(
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs
     )
+
+
+def imap_unordered(
+    executor: Executor,
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple],
+    max_inflight: int,
+) -> Iterator[Any]:
+    """Submit ``fn(*job)`` for every job, at most ``max_inflight`` at a time, in job order, and
+    yield results as they complete (jobs submitted in order keep a worker on one task, so its
+    cached env is reused)."""
+    pending = iter(jobs)
+    inflight: set[Future] = set()
+    exhausted = False
+    while True:
+        while not exhausted and len(inflight) < max(1, max_inflight):
+            job = next(pending, None)
+            if job is None:
+                exhausted = True
+                break
+            inflight.add(executor.submit(fn, *job))
+        if not inflight:
+            return
+        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield fut.result()
