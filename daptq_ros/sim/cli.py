@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from daptq_ros.sim.tasks import DEMO_SEED_START
+
 logger = logging.getLogger(__name__)
 
 HELP = "simulation tools: scripted Meta-World MT10 demonstrations"
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demos.add_argument("--out", required=True, type=Path, help="dataset directory")
     demos.add_argument("--tasks", default="all", help="'all' or comma-separated MT10 task names")
     demos.add_argument("--episodes-per-task", type=int, default=50, help="successful episodes per task")
-    demos.add_argument("--seed", type=int, default=0, help="first layout seed (seeds seed, seed+1, ...)")
+    demos.add_argument("--seed", type=int, default=DEMO_SEED_START,
+                       help="first layout seed (seeds seed, seed+1, ...; keep below 100000, the eval seeds)")
     demos.add_argument("--workers", type=int, default=2, help="worker processes (1 = in-process)")
     demos.add_argument("--image-size", type=int, default=128, help="corner4 render size (pixels)")
     demos.add_argument("--max-steps", type=int, default=200, help="step cap; failed episodes are dropped")

@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 # PyOpenGL logs "No OpenGL_accelerate module loaded" at INFO on import; it is not actionable.
 logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)
 
-EVAL_SEED_START = 100_000
-"""First evaluation seed; demonstration seeds stay below it."""
 DEFAULT_CAMERA = "corner4"
 WRIST_CAMERA = "gripperPOV"
 STATE_DIM = 39

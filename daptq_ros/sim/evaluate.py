@@ -37,11 +37,10 @@ from daptq_ros.policy_api import ACTION_NAMES, StepPolicy
 from daptq_ros.sim import metrics
 from daptq_ros.sim.dataset_index import write_npz_atomic
 from daptq_ros.sim.parallel import imap_unordered, make_executor
-from daptq_ros.sim.tasks import MT10_TASKS, canonical_instruction, parse_tasks
+from daptq_ros.sim.tasks import EVAL_SEED_START, MT10_TASKS, canonical_instruction, parse_tasks
 
 logger = logging.getLogger(__name__)
 
-EVAL_SEED_START = 100_000  # same value as daptq_ros.sim.env.EVAL_SEED_START (env imports MuJoCo)
 RESULT_FORMAT = "daptq-eval"
 RESULT_VERSION = 1
 

@@ -7,11 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+from daptq_ros.sim.tasks import EVAL_SEED_START
+
 logger = logging.getLogger(__name__)
 
 HELP = "closed-loop Meta-World evaluation: success with 95% CI and kinematic drift vs a reference"
-
-EVAL_SEED_START = 100_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+EVAL_SEED_START = 100_000
+"""First evaluation layout seed; demonstrations use seeds below it (see daptq_ros.sim.env)."""
+DEMO_SEED_START = 0
+"""Default first demonstration layout seed."""
+
 # Order matters: it is the order of reports and of `--tasks all`.
 MT10_TASKS: tuple[str, ...] = (
     "reach-v3",
@@ -24,7 +29,7 @@ MT10_TASKS: tuple[str, ...] = (
 )
 
 # task -> (canonical instruction, paraphrase 1, paraphrase 2, paraphrase 3).
-# The canonical strings are the INSTR table of docs/shared sim notes; keep them stable, since
+# The canonical strings are the INSTR table of the shared simulation notes; keep them stable, since
 # instruction feature caches and trained checkpoints are keyed by the exact text.
 _INSTRUCTIONS: dict[str, tuple[str, str, str, str]] = {
     "reach-v3": (
