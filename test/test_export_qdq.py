@@ -124,7 +124,7 @@ def test_w8a8_trt(fp, tmp_path):
     plan = [rtn(n, model.get_submodule(n).weight, 8, input_scale=scales[n]) for n in ALL_LAYERS]
     m = export_qdq(path, plan, tmp_path / "w8a8", flavour="trt", method="rtn", budget=8.0)
     onnx.checker.check_model(str(tmp_path / "w8a8" / "model.onnx"), full_check=True)
-    proto, counts, types = op_counts(tmp_path / "w8a8" / "model.onnx")
+    _, counts, types = op_counts(tmp_path / "w8a8" / "model.onnx")
     assert counts["QuantizeLinear"] == 8 and counts["DequantizeLinear"] == 16
     assert "Gemm" not in counts  # quantized Gemms became MatMul + Add
     assert all(types[f"{n}.weight_quantized"] == onnx.TensorProto.INT8 for n in ALL_LAYERS)
@@ -172,7 +172,7 @@ def test_mixed_precision_with_pruned_rows(fp, tmp_path):
         rtn("fc2", model.fc2.weight, 2, 16, zero_rows=(0, 5)),
     ]
     m = export_qdq(path, plan, tmp_path / "mixed", flavour="trt", method="daptq", budget=6.0)
-    proto, counts, types = op_counts(tmp_path / "mixed" / "model.onnx")
+    _, counts, types = op_counts(tmp_path / "mixed" / "model.onnx")
     assert counts["QuantizeLinear"] == 2 and counts["DequantizeLinear"] == 6
     assert types["fc2.weight_quantized"] == onnx.TensorProto.INT4
     assert counts["Gemm"] == 1  # proprio_proj stays float

@@ -348,8 +348,8 @@ def _ensure_opset(model: onnx.ModelProto) -> None:
         if op.domain in ("", "ai.onnx"):
             if op.version < QDQ_OPSET:
                 raise ExportError(
-                    f"QDQ export needs opset >= {QDQ_OPSET} (INT4, blocked DequantizeLinear); the FP graph has "
-                    f"{op.version}: re-export with --opset {QDQ_OPSET}"
+                    f"QDQ export needs opset >= {QDQ_OPSET} (INT4, blocked DequantizeLinear); "
+                    f"the FP graph has {op.version}: re-export with --opset {QDQ_OPSET}"
                 )
             return
 
