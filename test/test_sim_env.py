@@ -70,12 +70,16 @@ def test_reset_is_a_function_of_the_seed(push_env):
 
 
 def test_layout_is_identical_in_a_fresh_process(push_env):
+    # Also checks the headless GL default: no MUJOCO_GL set, and Meta-World (thus MuJoCo) is
+    # imported through the expert before the env module.
     code = (
-        "import json; from daptq_ros.sim.env import MetaWorldEnv\n"
+        "import json; from daptq_ros.sim.expert import ExpertPolicy\n"
+        "from daptq_ros.sim.env import MetaWorldEnv\n"
         "with MetaWorldEnv('push-v3', image_size=64) as env:\n"
         "    print(json.dumps(env.reset(11).state.tolist()))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    env["PYTHONPATH"] = str(REPO)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=120, check=True)
     other = np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32)

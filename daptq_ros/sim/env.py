@@ -15,27 +15,22 @@ generator, so they stay deterministic too.
 Rendering: shadows, MSAA and reflections are switched off before the renderer is created
 (7.5 → ~60 frames/s on llvmpipe); ``corner*`` cameras are mounted upside-down in the model and are
 rotated by 180° so images are upright. ``MUJOCO_GL`` defaults to ``egl`` (``osmesa`` when no
-EGL library is found); it must be chosen before MuJoCo is first imported.
+EGL library is found), set by ``daptq_ros.sim`` on import; it must be chosen before MuJoCo is
+first imported (Meta-World imports it too).
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes.util
 import logging
-import os
 from typing import Any
 
-if "MUJOCO_GL" not in os.environ:
-    _no_egl = ctypes.util.find_library("EGL") is None and ctypes.util.find_library("OSMesa") is not None
-    os.environ["MUJOCO_GL"] = "osmesa" if _no_egl else "egl"
-
-import mujoco
+import mujoco  # MUJOCO_GL is defaulted by daptq_ros.sim/__init__.py, imported before this module
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
 from daptq_ros.policy_api import Observation
-from daptq_ros.sim.tasks import check_task
+from daptq_ros.sim.tasks import DEMO_SEED_START, EVAL_SEED_START, check_task  # noqa: F401 (re-export)
 
 logger = logging.getLogger(__name__)
 # PyOpenGL logs "No OpenGL_accelerate module loaded" at INFO on import; it is not actionable.

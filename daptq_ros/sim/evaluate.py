@@ -449,7 +449,7 @@ def format_table(result: dict[str, Any]) -> str:
     has_ref = result.get("reference") is not None
     head = f"{'task':<26}{'success':>9}{'95% CI':>15}{'steps':>8}"
     if has_ref:
-        head += f"{'ref succ':>10}{'both/ref/cand':>15}{'ee mean':>9}{'ee final':>10}{'OL mae':>8}"
+        head += f"{'ref succ':>10}{'paired b/r/c/n':>16}{'ee mean':>9}{'ee final':>10}{'OL mae':>8}"
     lines = [head, "-" * len(head)]
     rows = [*result["tasks"].items(), ("overall", result["overall"])]
     for name, s in rows:
@@ -458,8 +458,8 @@ def format_table(result: dict[str, Any]) -> str:
         if has_ref:
             p, d = s["paired"], s["drift"]
             ol = d["open_loop"]["mean_per_dof"]
-            paired = f"{p['both']}/{p['only_reference']}/{p['only_candidate']}"
-            line += (f"{s['reference']['success_rate']:>10.1%}{paired:>15}"
+            paired = f"{p['both']}/{p['only_reference']}/{p['only_candidate']}/{p['neither']}"
+            line += (f"{s['reference']['success_rate']:>10.1%}{paired:>16}"
                      f"{d['ee_mean_distance']:>9.4f}{d['ee_final_distance']:>10.4f}"
                      f"{(float(np.mean(ol)) if ol else 0.0):>8.4f}")
         lines.append(line)
@@ -467,6 +467,6 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{t['env_steps']} env steps in {t['wall_s']:.1f} s ({t['env_steps_per_s']:.1f} steps/s, "
                  f"{t['episodes_per_min']:.1f} episodes/min, {t['workers']} worker(s))")
     if has_ref:
-        lines.append("ee distances in metres (hand position, candidate vs reference rollout); "
-                     "OL mae = open-loop mean |action error| over DoFs and chunk positions")
+        lines.append("paired: both / only reference / only candidate / neither succeeded; ee: hand distance "
+                     "(m) between the two rollouts; OL mae: open-loop mean |action error| (DoFs, chunk)")
     return "\n".join(lines)
