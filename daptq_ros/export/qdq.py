@@ -164,16 +164,18 @@ def _weight_initializer_name(node: onnx.NodeProto) -> str | None:
     return node.input[1] if len(node.input) > 1 else None
 
 
-def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict[str, onnx.NodeProto]:
-    """Map each planned layer to its MatMul/Gemm/Conv node (one node per layer).
+def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict[str, list[onnx.NodeProto]]:
+    """Map each planned layer to its MatMul/Gemm/Conv node(s), in graph order.
 
-    Matching uses the node's module scopes, then the weight initializer name (``NAME.weight``).
+    A module called several times (the flow head's integration steps) has one node per call,
+    all sharing its weight. Matching uses the weight initializer name (``NAME.weight``), then the
+    node's module scopes.
 
     Raises:
-        ExportError: a planned layer has no node, or two nodes claim one layer.
+        ExportError: a planned layer has no node in the graph.
     """
     inits = {i.name for i in model.graph.initializer}
-    found: dict[str, onnx.NodeProto] = {}
+    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
@@ -184,20 +186,15 @@ def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict
         if w_name.endswith(".weight"):
             candidates.insert(0, w_name[: -len(".weight")])
         layer = next((c for c in candidates if c in plan), None)
-        if layer is None:
-            continue
-        if layer in found:
-            raise ExportError(
-                f"layer {layer!r} matches two graph nodes: {found[layer].name!r} and {node.name!r}"
-            )
-        found[layer] = node
+        if layer is not None:
+            found[layer].append(node)
     missing = sorted(set(plan) - set(found))
     if missing:
         raise ExportError(
-            f"quantized layer(s) {missing} not found in the ONNX graph (no MatMul/Gemm/Conv with that module "
-            "scope or weight name)"
+            f"quantized layer(s) {missing} not found in the ONNX graph (no MatMul/Gemm/Conv with that "
+            "module scope or weight name)"
         )
-    return found
+    return dict(found)
 
 
 # ------------------------------------------------------------------------------------ rewriting
@@ -210,6 +207,7 @@ class _Rewriter:
         self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # id(node) -> nodes to insert
         self.after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
         self.act_qdq: dict[tuple[str, float], str] = {}
+        self.weight_dq_out: dict[tuple[str, str], str] = {}
         self.counts = {"DequantizeLinear": 0, "QuantizeLinear": 0}
 
     def _init(self, name: str, array: np.ndarray) -> str:
@@ -217,7 +215,12 @@ class _Rewriter:
         return name
 
     def weight_dq(self, node: onnx.NodeProto, lq: LayerQuant, layout: str) -> str:
-        """DQ subgraph for ``lq`` in ``layout`` (``kn`` = B[K, N], ``oi`` = (out, in[, kh, kw]))."""
+        """DQ output for ``lq`` in ``layout`` (``kn`` = B[K, N], ``oi`` = (out, in[, kh, kw])).
+
+        Built once per layer and inserted before its first consumer; later calls reuse it.
+        """
+        if (lq.name, layout) in self.weight_dq_out:
+            return self.weight_dq_out[(lq.name, layout)]
         base = f"{lq.name}.weight"
         q = lq.w_int
         scale, zero = lq.scale, lq.zero
@@ -246,6 +249,7 @@ class _Rewriter:
             helper.make_node("DequantizeLinear", names, [out], name=f"{base}_DequantizeLinear", **attrs)
         )
         self.counts["DequantizeLinear"] += 1
+        self.weight_dq_out[(lq.name, layout)] = out
         return out
 
     def act_qdq_for(self, node: onnx.NodeProto, tensor: str, scale: float, layer: str) -> str:
@@ -267,7 +271,7 @@ class _Rewriter:
         self.act_qdq[key] = dq_out
         return dq_out
 
-    def rewrite(self, node: onnx.NodeProto, lq: LayerQuant) -> None:
+    def rewrite(self, node: onnx.NodeProto, lq: LayerQuant, call: int = 0) -> None:
         w_name = node.input[1]
         w = numpy_helper.to_array(self.inits[w_name])
         out_dim, in_flat = lq.w_int.shape[0], int(np.prod(lq.w_int.shape[1:]))
@@ -284,7 +288,8 @@ class _Rewriter:
         else:
             self._gemm_to_matmul(node, lq, w)
         if lq.input_scale is not None and self.flavour == "trt":
-            node.input[0] = self.act_qdq_for(node, node.input[0], lq.input_scale, lq.name)
+            tag = lq.name if call == 0 else f"{lq.name}.call{call}"
+            node.input[0] = self.act_qdq_for(node, node.input[0], lq.input_scale, tag)
 
     def _gemm_to_matmul(self, node: onnx.NodeProto, lq: LayerQuant, w: np.ndarray) -> None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -297,7 +302,7 @@ class _Rewriter:
         out = node.output[0]
         node.op_type = "MatMul"
         del node.attribute[:]
-        mm_out = f"{lq.name}.matmul_output" if bias else out
+        mm_out = f"{out}_matmul" if bias else out
         node.input[:] = [node.input[0], self.weight_dq(node, lq, "kn")]
         node.output[:] = [mm_out]
         if bias:
@@ -331,13 +336,14 @@ def rewrite_qdq(model: onnx.ModelProto, plan: Sequence[LayerQuant], flavour: str
     by_name = {lq.name: lq for lq in plan}
     if len(by_name) != len(plan):
         raise ExportError("quant plan lists a layer twice")
-    nodes = match_layers(model, by_name)
+    matches = match_layers(model, by_name)
     rw = _Rewriter(model, flavour)
-    for name, node in nodes.items():
+    for name, nodes in matches.items():
         lq = by_name[name]
         if flavour == "trt" and lq.zero is not None:
             logger.warning("layer %s is asymmetric (zero points): TensorRT requires zp 0", name)
-        rw.rewrite(node, lq)
+        for call, node in enumerate(nodes):
+            rw.rewrite(node, lq, call)
     rw.finish()
     _ensure_opset(model)
     return rw.counts
@@ -363,11 +369,12 @@ def weight_bits_summary(model: onnx.ModelProto, plan: Sequence[LayerQuant]) -> f
         row = np.asarray(lq.channel_bits if lq.channel_bits is not None else [lq.w_bits] * lq.w_int.shape[0])
         bits += float(row.sum()) * n_in
         params += lq.w_int.size
-    quantized = {f"{lq.name}.weight_quantized" for lq in plan}
+    seen = {f"{lq.name}.weight_quantized" for lq in plan}
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1:
             name = node.input[1]
-            if name in inits and name not in quantized:
+            if name in inits and name not in seen:
+                seen.add(name)
                 size = int(np.prod(inits[name].dims))
                 bits += FLOAT_BITS * size
                 params += size
