@@ -216,8 +216,12 @@ class SimBridgeParams:
     results_path: str
 
 
-def _check_value(spec: ParamSpec, value: Any) -> Any:
-    """Type/range/choice check of one value; returns it normalized (lists -> tuples)."""
+def check_value(spec: ParamSpec, value: Any) -> Any:
+    """Type/range/choice check of one value; returns it normalized (lists -> tuples).
+
+    Raises:
+        ParamError: naming ``spec.name``.
+    """
     name, kind = spec.name, spec.kind
     if value is None:
         if spec.default is None:
@@ -278,7 +282,7 @@ def _validate(specs: tuple[ParamSpec, ...], values: Mapping[str, Any]) -> dict[s
     if unknown:
         raise ParamError(unknown[0], f"unknown parameter (unknown: {', '.join(unknown)}); "
                                      f"valid: {', '.join(sorted(known))}")
-    return {s.name: _check_value(s, values.get(s.name, s.default)) for s in specs}
+    return {s.name: check_value(s, values.get(s.name, s.default)) for s in specs}
 
 
 def validate_policy_params(values: Mapping[str, Any]) -> PolicyNodeParams:
@@ -391,7 +395,7 @@ def read_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
                                              f"(unknown: {', '.join(unknown)})")
             for key, value in values.items():
                 if key in specs:
-                    _check_value(specs[key], value)
+                    check_value(specs[key], value)
         else:
             raise ParamError(str(node_key), f"unknown node section in {path}; expected one of "
                                             f"{sorted(NODE_SPECS)} or /**")

@@ -94,7 +94,7 @@ class PolicyNode(LifecycleNode):
     def _log(self, level: str, event: str, **fields: Any) -> None:
         text = " ".join([f"event={event}", *(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
                                               for k, v in fields.items())])
-        getattr(self.get_logger(), level)(text)
+        getattr(self.get_logger(), "warning" if level == "warn" else level)(text)
 
     def _fail(self, message: str) -> TransitionCallbackReturn:
         self.error = message
@@ -328,6 +328,8 @@ class PolicyNode(LifecycleNode):
             self._publish(out.command, frame.stamp)
             if out.chunk is not None and "debug" in self._pubs:
                 self._publish_chunk(out.chunk)
+        elif out.status == "no_instruction":
+            self._last_used_seq = frame.seq - 1  # keep the frame: act on it once an instruction lands
         elif out.status in ("nonfinite", "error"):
             self._log("error", "inference_fault", status=out.status, reason=out.detail)
             self._fault(frame.stamp)
