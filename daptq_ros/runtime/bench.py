@@ -1,0 +1,258 @@
+"""`daptq bench`: side-by-side batch-1 ONNX Runtime latency, size and memory of artifacts.
+
+All artifacts are measured in one process, in interleaved rounds (so background load hits every
+artifact alike), after a warm-up. Ratios are relative to the first artifact (normally FP32).
+Example::
+
+    daptq bench --artifacts artifacts/fp32 artifacts/daptq_w4 --runs 200 --warmup 20 --threads 2 \
+        --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daptq_ros.runtime.manifest import MODEL_NAME
+from daptq_ros.runtime.session import PolicySession
+
+logger = logging.getLogger(__name__)
+
+HELP = "side-by-side latency/size benchmarks (ONNX Runtime CPU, torch GPU)"
+
+
+@dataclass
+class BenchResult:
+    """Measurements of one artifact (latencies in milliseconds)."""
+
+    artifact: str
+    method: str
+    flavour: str
+    avg_bits: float
+    provider: str
+    model_bytes: int
+    runs: int
+    median_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    peak_rss_delta_mb: float
+    speedup_vs_first: float = 1.0
+    size_ratio_vs_first: float = 1.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+
+def machine_info(provider: str | None = None) -> dict[str, Any]:
+    """CPU model, cores, OS, Python and ONNX Runtime versions."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in text)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "provider": provider,
+    }
+
+
+def _rss_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0) so the next peak reading belongs to one artifact."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _random_feeds(session: PolicySession, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in session.manifest.inputs:
+        if spec.name == "image":
+            feeds[spec.name] = rng.random(spec.shape, dtype=np.float32)
+        elif spec.name == "lang_mask":
+            mask = np.zeros(spec.shape, np.float32)
+            mask[..., :8] = 1.0
+            feeds[spec.name] = mask
+        else:
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(np.dtype(spec.dtype))
+    return feeds
+
+
+def benchmark(
+    artifacts: list[str | Path],
+    runs: int = 200,
+    warmup: int = 20,
+    threads: int | None = None,
+    rounds: int = 5,
+    providers: list[str] | None = None,
+) -> tuple[list[BenchResult], dict[str, Any]]:
+    """Measure every artifact; returns per-artifact results and the machine description.
+
+    Args:
+        artifacts: artifact directories; the first is the reference for the ratios.
+        runs: timed batch-1 runs per artifact (split across ``rounds``).
+        warmup: untimed runs per artifact before timing.
+        threads: ORT intra-op threads (None = ORT default).
+        rounds: interleaving rounds.
+        providers: allowed execution providers (default TensorRT > CUDA > CPU).
+    """
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"runs must be >= 1, warmup >= 0 and rounds >= 1; got {runs}, {warmup}, {rounds}")
+    if not artifacts:
+        raise ValueError("no artifacts given")
+    sessions, feeds, rss = [], [], []
+    for i, path in enumerate(artifacts):
+        reset = _reset_peak_rss()
+        before = _rss_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        session = PolicySession(path, providers=providers, threads=threads)
+        feed = _random_feeds(session, seed=i)
+        for _ in range(max(warmup, 1)):
+            session.run(feed)
+        after = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss.append(((after or 0) - (before or 0)) / 1024.0)
+        sessions.append(session)
+        feeds.append(feed)
+    lat: list[list[float]] = [[] for _ in sessions]
+    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for idx, session in enumerate(sessions):
+            for _ in range(n):
+                start = time.perf_counter()
+                session.run(feeds[idx])
+                lat[idx].append((time.perf_counter() - start) * 1e3)
+    results = []
+    for path, session, times, mem in zip(artifacts, sessions, lat, rss, strict=True):
+        arr = np.asarray(times)
+        m = session.manifest
+        results.append(
+            BenchResult(
+                artifact=str(path),
+                method=m.method,
+                flavour=m.flavour,
+                avg_bits=m.avg_bits,
+                provider=session.provider,
+                model_bytes=(Path(path) / MODEL_NAME).stat().st_size,
+                runs=len(arr),
+                median_ms=float(np.median(arr)),
+                p99_ms=float(np.percentile(arr, 99)),
+                mean_ms=float(arr.mean()),
+                min_ms=float(arr.min()),
+                peak_rss_delta_mb=mem,
+                latencies_ms=[round(t, 4) for t in times],
+            )
+        )
+    first = results[0]
+    for r in results:
+        r.speedup_vs_first = first.median_ms / r.median_ms
+        r.size_ratio_vs_first = r.model_bytes / first.model_bytes
+    return results, machine_info(sessions[0].provider)
+
+
+def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads: int | None) -> str:
+    """Human summary: a markdown table plus the machine line."""
+    lines = [
+        f"Machine: {machine['cpu']} ({machine['cpu_flags'] or 'no AVX flags found'}), "
+        f"{machine['cores']} cores, "
+        f"onnxruntime {machine['onnxruntime']}, {machine['provider']}, threads={threads or 'default'}",
+        "",
+        "| artifact | method | flavour | avg bits | size KiB | size ratio | median ms | p99 ms | speed-up | "
+        "peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {Path(r.artifact).name} | {r.method} | {r.flavour} | {r.avg_bits:.2f} | "
+            f"{r.model_bytes / 1024:.0f} | "
+            f"{r.size_ratio_vs_first:.3f} | {r.median_ms:.3f} | {r.p99_ms:.3f} | {r.speedup_vs_first:.2f}x | "
+            f"{r.peak_rss_delta_mb:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--artifacts",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="artifact directories; the first (normally FP32) is the reference",
+    )
+    parser.add_argument("--runs", type=int, default=200, help="timed runs per artifact (>= 200 recommended)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs per artifact")
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="allowed execution providers (tensorrt, cuda, cpu); default all present",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results (with raw latencies) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark and print the table; returns 2 for a bad artifact."""
+    from daptq_ros.runtime.manifest import ManifestError
+    from daptq_ros.runtime.session import ArtifactError
+
+    try:
+        results, machine = benchmark(
+            args.artifacts,
+            runs=args.runs,
+            warmup=args.warmup,
+            threads=args.threads,
+            rounds=args.rounds,
+            providers=args.providers,
+        )
+    except (ArtifactError, ManifestError, ValueError) as err:
+        logger.error("bench failed: %s", err)
+        return 2
+    print(markdown_table(results, machine, args.threads))
+    if args.json:
+        payload = {
+            "machine": machine,
+            "threads": args.threads,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0

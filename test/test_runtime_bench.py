@@ -1,0 +1,56 @@
+"""`daptq bench` on two toy artifacts (timings are reported, never asserted)."""
+
+import json
+
+import pytest
+from test_export_fp32 import build_artifact
+from test_export_qdq import rtn
+
+from daptq_ros.cli import main
+from daptq_ros.export.qdq import export_qdq
+from daptq_ros.runtime.bench import benchmark
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model, fp = build_artifact(root / "fp32", seed=2)
+    plan = [rtn("lang_proj", model.lang_proj.weight, 4, 32), rtn("fc1", model.fc1.weight, 4, 16)]
+    export_qdq(fp, plan, root / "w4", flavour="cpu", method="rtn")
+    return fp, root / "w4"
+
+
+def test_benchmark_results(artifacts):
+    results, machine = benchmark(list(artifacts), runs=12, warmup=2, threads=1, rounds=3)
+    assert [r.runs for r in results] == [12, 12]
+    assert results[0].speedup_vs_first == 1.0 and results[0].size_ratio_vs_first == 1.0
+    assert results[1].size_ratio_vs_first < 1.0  # int4 weights are smaller
+    assert results[1].method == "rtn" and results[1].flavour == "cpu"
+    assert all(r.min_ms <= r.median_ms <= r.p99_ms for r in results)
+    assert machine["cores"] >= 1 and machine["onnxruntime"] and machine["provider"] == "CPUExecutionProvider"
+
+
+def test_bench_cli_json_and_errors(artifacts, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = [
+        "bench",
+        "--artifacts",
+        *map(str, artifacts),
+        "--runs",
+        "4",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--rounds",
+        "2",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| fp32 | fp32 | fp32 |" in table and "| w4 | rtn | cpu |" in table
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 2 and len(data["results"][1]["latencies_ms"]) == 4
+    assert main(["bench", "--artifacts", str(tmp_path / "missing")]) == 2
+    assert main(["bench", "--artifacts", str(artifacts[0]), "--runs", "0"]) == 2
