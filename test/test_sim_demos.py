@@ -45,9 +45,12 @@ def test_demo_episode_matches_contract(demo_dir):
 def test_resume_skips_existing_episodes(demo_dir):
     path = episode_path(demo_dir, "reach-v3", 7)
     before = path.stat().st_mtime_ns
+    stale = path.with_name("reach-v3_s9.npz.tmp4242")  # what a killed writer leaves behind
+    stale.write_bytes(b"half a file")
     summaries = generate_demos(demo_dir, ["reach-v3"], episodes_per_task=1, seed=7, workers=1)
     assert summaries[0].existing == 1 and summaries[0].written == 0
     assert path.stat().st_mtime_ns == before
+    assert not stale.exists()
 
 
 def test_cli_adds_missing_episodes_with_next_seed(demo_dir, capsys):
@@ -85,6 +88,11 @@ def test_load_episode_validation(tmp_path, demo_dir):
     np.savez_compressed(short, **arrays)
     with pytest.raises(EpisodeFormatError, match="disagree on the episode length"):
         load_episode(short)
+    renamed = tmp_path / "reach-v3_s5.npz"
+    arrays["action"] = good["action"]
+    np.savez_compressed(renamed, **arrays)
+    with pytest.raises(EpisodeFormatError, match="file name says task 'reach-v3' seed 5"):
+        load_episode(renamed)
     garbage = tmp_path / "reach-v3_s4.npz"
     garbage.write_bytes(b"not a zip")
     with pytest.raises(EpisodeFormatError, match="not a readable npz"):

@@ -120,7 +120,8 @@ def load_episode(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        EpisodeFormatError: unreadable file, missing key, wrong dtype/shape or inconsistent T.
+        EpisodeFormatError: unreadable file, missing key, wrong dtype/shape, inconsistent T, or
+            task/seed contents that contradict a ``<task>_s<seed>.npz`` file name.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,4 +152,11 @@ def load_episode(path: str | Path) -> dict[str, Any]:
     episode["task"] = _scalar(path, "task", raw["task"], str)
     episode["seed"] = _scalar(path, "seed", raw["seed"], int)
     episode["success"] = _scalar(path, "success", raw["success"], bool)
+    if _NAME_RE.match(path.name):
+        name_task, name_seed = parse_episode_name(path)
+        if (name_task, name_seed) != (episode["task"], episode["seed"]):
+            raise EpisodeFormatError(
+                f"{path}: file name says task {name_task!r} seed {name_seed}, contents say task "
+                f"{episode['task']!r} seed {episode['seed']}"
+            )
     return episode

@@ -134,6 +134,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not (
+            8 <= self.image_size <= 1024
+        ):
+            raise ValueError(f"image_size must be an integer in [8, 1024], got {self.image_size!r}")
 
 
 # ---------------------------------------------------------------------------- rollouts
