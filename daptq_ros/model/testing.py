@@ -27,13 +27,26 @@ SYNTHETIC_TASKS: dict[str, list[str]] = {
 
 def tiny_config(**overrides: object) -> VLAConfig:
     """A ~30k-parameter config (32 px images, chunk 4) for fast CPU tests."""
-    base = dict(image_size=32, d_model=32, heads=2, trunk_layers=1, mlp_ratio=2, readout_tokens=2,
-                chunk_size=4, head_layers=1, head_dim=32, flow_steps=2)
+    base = dict(
+        image_size=32,
+        d_model=32,
+        heads=2,
+        trunk_layers=1,
+        mlp_ratio=2,
+        readout_tokens=2,
+        chunk_size=4,
+        head_layers=1,
+        head_dim=32,
+        flow_steps=2,
+    )
     return VLAConfig(**{**base, **overrides})
 
 
-def synthetic_features(text: str, max_tokens: int = MAX_TOKENS, dim: int = FEATURE_DIM,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_features(
+    text: str,
+    max_tokens: int = MAX_TOKENS,
+    dim: int = FEATURE_DIM,
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic pseudo-features for ``text``: one valid token per word + 2 (CLS/SEP)."""
     key = normalize_instruction(text)
     rng = np.random.default_rng(zlib.crc32(key.encode()))
@@ -53,9 +66,14 @@ def synthetic_cache(tasks: Mapping[str, Sequence[str]] = SYNTHETIC_TASKS) -> Ins
     return cache
 
 
-def write_synthetic_demos(root: str | Path, tasks: Sequence[str] = tuple(SYNTHETIC_TASKS),
-                          episodes_per_task: int = 2, length: int = 10, image_size: int = 32,
-                          seed: int = 0) -> Path:
+def write_synthetic_demos(
+    root: str | Path,
+    tasks: Sequence[str] = tuple(SYNTHETIC_TASKS),
+    episodes_per_task: int = 2,
+    length: int = 10,
+    image_size: int = 32,
+    seed: int = 0,
+) -> Path:
     """Write ``root/<task>/<task>_s<seed>.npz`` demo episodes in the contract's format.
 
     Episode k of task j has ``length + k`` frames; the image brightness encodes the time step and
@@ -72,27 +90,52 @@ def write_synthetic_demos(root: str | Path, tasks: Sequence[str] = tuple(SYNTHET
             image = np.zeros((t_len, image_size, image_size, 3), np.uint8)
             image[..., j % 3] = (phase * 200 + 20).astype(np.uint8)[:, None, None]
             image[:, : image_size // 2, : image_size // 2, :] = 60 * j + 40
-            action = np.stack([np.sin(3 * phase + j), np.cos(2 * phase), phase - 0.5,
-                               np.where(phase > 0.5, 1.0, -1.0)], axis=1).astype(np.float32)
-            proprio = np.concatenate([np.cumsum(action[:, :3] * 0.01, axis=0) + [0.0, 0.6, 0.2],
-                                      (action[:, 3:] + 1) / 2], axis=1).astype(np.float32)
+            action = np.stack(
+                [np.sin(3 * phase + j), np.cos(2 * phase), phase - 0.5, np.where(phase > 0.5, 1.0, -1.0)],
+                axis=1,
+            ).astype(np.float32)
+            proprio = np.concatenate(
+                [
+                    np.cumsum(action[:, :3] * 0.01, axis=0) + np.array([0.0, 0.6, 0.2]),
+                    (action[:, 3:] + 1) / 2,
+                ],
+                axis=1,
+            ).astype(np.float32)
             state = rng.standard_normal((t_len, 39)).astype(np.float32)
             episode_seed = 1000 * j + k
-            np.savez_compressed(root / task / f"{task}_s{episode_seed}.npz", image=image, proprio=proprio,
-                                state=state, action=action, instruction=np.array(instruction),
-                                task=np.array(task), seed=np.array(episode_seed), success=np.array(True))
+            np.savez_compressed(
+                root / task / f"{task}_s{episode_seed}.npz",
+                image=image,
+                proprio=proprio,
+                state=state,
+                action=action,
+                instruction=np.array(instruction),
+                task=np.array(task),
+                seed=np.array(episode_seed),
+                success=np.array(True),
+            )
     return root
 
 
-def write_tiny_checkpoint(directory: str | Path, config: VLAConfig | None = None, seed: int = 0,
-                          cache: InstructionCache | None = None) -> Path:
+def write_tiny_checkpoint(
+    directory: str | Path,
+    config: VLAConfig | None = None,
+    seed: int = 0,
+    cache: InstructionCache | None = None,
+) -> Path:
     """Randomly initialized tiny checkpoint ``directory/policy.safetensors`` + its instruction cache."""
     directory = Path(directory)
     config = config or tiny_config()
     torch.manual_seed(seed)
     model = ReferenceVLA(config)
-    norm = NormStats(np.zeros(config.proprio_dim), np.ones(config.proprio_dim) * 0.5,
-                     np.zeros(config.action_dim), np.ones(config.action_dim) * 0.5)
+    norm = NormStats(
+        np.zeros(config.proprio_dim),
+        np.ones(config.proprio_dim) * 0.5,
+        np.zeros(config.action_dim),
+        np.ones(config.action_dim) * 0.5,
+    )
     cache = cache or synthetic_cache()
     cache.save(directory / "instructions.safetensors")
-    return save_checkpoint(directory / "policy.safetensors", model, norm, {"instructions": cache.instructions})
+    return save_checkpoint(
+        directory / "policy.safetensors", model, norm, {"instructions": cache.instructions}
+    )
