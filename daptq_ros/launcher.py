@@ -195,8 +195,10 @@ def _stop(proc: _Proc, sig: int = signal.SIGINT) -> int:
     return rc
 
 
-def _clean_exit(rc: int) -> bool:
-    return rc in (0, -signal.SIGINT, -signal.SIGTERM, 130)
+def _clean_exit(rc: int, user_stop: bool) -> bool:
+    """Exit codes of a node stopped by us: 0/130 (handled SIGINT); death by signal only counts as
+    clean when the user interrupted the launcher (e.g. Ctrl-C during a node's startup)."""
+    return rc in (0, 130) or (user_stop and rc in (-signal.SIGINT, -signal.SIGTERM))
 
 
 def read_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 # the policy node runs until stopped; the sim bridge exits 0 when it is done
                 if proc.name == "policy_node" or rc != 0:
                     crashed.append(proc.name)
-            elif not _clean_exit(rc):
+            elif not _clean_exit(rc, bool(stop_requested)):
                 crashed.append(proc.name)
         for s, handler in old.items():
             signal.signal(s, handler)

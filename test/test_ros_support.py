@@ -117,3 +117,74 @@ def test_tiny_artifact_exports_and_runs(tmp_path):
     chunk = policy.predict_chunk(Observation(image=np.zeros((64, 64, 3), np.uint8),
                                              proprio=np.array([0.0, 0.6, 0.2, 0.5], np.float32)))
     assert chunk.shape == (CHUNK, 4) and np.all(np.isfinite(chunk)) and np.all(np.abs(chunk) <= 1)
+
+
+class Probe:
+    """An rclpy node in the test process (own context and DDS domain), spun in a thread.
+
+    Collects every message of the subscribed topics; :meth:`wait_for` blocks on a condition
+    variable until a predicate over the collected messages holds (no fixed sleeps).
+    """
+
+    def __init__(self, domain_id: int) -> None:
+        import threading
+        from collections import defaultdict
+
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=domain_id)
+        self.node = rclpy.create_node("test_probe", context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+        self.msgs: dict[str, list] = defaultdict(list)
+        self.cond = threading.Condition()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except (ExternalShutdownException, Exception):  # context shut down by close()
+            pass
+
+    def subscribe(self, topic: str, msg_type: type, reliable: bool = True, latched: bool = False) -> None:
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+        def callback(msg, topic=topic):
+            with self.cond:
+                self.msgs[topic].append(msg)
+                self.cond.notify_all()
+
+        self.node.create_subscription(msg_type, topic, callback, qos)
+
+    def publisher(self, topic: str, msg_type: type):
+        return self.node.create_publisher(msg_type, topic, 10)
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        self.ctx.try_shutdown()
+        self._thread.join(5)
+
+
+def diag_values(msg) -> dict[str, str]:
+    """Key/values of the first status of a DiagnosticArray."""
+    return {kv.key: kv.value for kv in msg.status[0].values} if msg.status else {}

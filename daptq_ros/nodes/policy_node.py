@@ -94,7 +94,13 @@ class PolicyNode(LifecycleNode):
     def _log(self, level: str, event: str, **fields: Any) -> None:
         text = " ".join([f"event={event}", *(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
                                               for k, v in fields.items())])
-        getattr(self.get_logger(), "warning" if level == "warn" else level)(text)
+        # one call site per severity: rclpy's logger refuses severity changes at one call site
+        if level == "error":
+            self.get_logger().error(text)
+        elif level == "warn":
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
 
     def _fail(self, message: str) -> TransitionCallbackReturn:
         self.error = message
@@ -305,6 +311,13 @@ class PolicyNode(LifecycleNode):
     def _tick(self) -> None:
         if not self._active or self.controller is None:
             return
+        try:
+            self._control_step()
+        except Exception as err:  # never let one bad step take the node (and the robot) down
+            self.counters.inference_errors += 1
+            self._log("error", "control_step_failed", reason=f"{type(err).__name__}: {err}")
+
+    def _control_step(self) -> None:
         p = self.params
         t0 = time.monotonic()
         frame = self._image
