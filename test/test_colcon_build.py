@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_ros_support import REPO
 
 COLCON = Path(sys.executable).parent / "colcon"

@@ -4,8 +4,9 @@ checked with ast)."""
 
 import ast
 
-from daptq_ros import launcher
 from test_ros_support import REPO
+
+from daptq_ros import launcher
 
 LAUNCH = REPO / "launch" / launcher.LAUNCH_FILE
 

@@ -12,7 +12,6 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
-
 from test_ros_support import INSTRUCTION, REPO, Probe, build_artifact, diag_values, ros_env, start_node, stop
 
 POLICY = "daptq_ros.nodes.policy_node"
@@ -29,10 +28,14 @@ def domain(monkeypatch):
     return int(env["ROS_DOMAIN_ID"]), env
 
 
+def _policy_diags(probe):
+    return [m for m in probe.msgs["/diagnostics"] if m.status and m.status[0].name.startswith("policy_node")]
+
+
 def _diag(probe, key, cond):
     """Predicate: the latest policy_node diagnostics satisfy ``cond(values, status)``."""
     def check():
-        msgs = [m for m in probe.msgs["/diagnostics"] if m.status and m.status[0].name.startswith("policy_node")]
+        msgs = _policy_diags(probe)
         return bool(msgs) and cond(diag_values(msgs[-1]), msgs[-1].status[0])
     return check
 
@@ -61,7 +64,8 @@ def test_launch_sim_episode_over_dds(artifact, domain, tmp_path):
         assert episode["mean_loop_latency_ms"] > 0
         assert report["summary"]["episodes"] == 1
         assert "reach-v3" in proc.stdout and "total: " in proc.stdout
-        assert probe.wait_for(lambda: len(probe.msgs["/t1/sim_bridge/episode_result"]) >= 2, 10), {k: len(v) for k, v in probe.msgs.items()}
+        got = probe.wait_for(lambda: len(probe.msgs["/t1/sim_bridge/episode_result"]) >= 2, 10)
+        assert got, {k: len(v) for k, v in probe.msgs.items()}
         records = [json.loads(m.data) for m in probe.msgs["/t1/sim_bridge/episode_result"]]
         assert [r["type"] for r in records] == ["episode", "summary"]
         assert records[0]["steps"] == episode["steps"]
@@ -69,7 +73,7 @@ def test_launch_sim_episode_over_dds(artifact, domain, tmp_path):
         assert commands  # the probe joins discovery late: it sees a suffix of the episode
         assert all(list(c.name) == ["dx", "dy", "dz", "gripper"] for c in commands)
         assert all(np.all(np.abs(c.position) <= 1.0) for c in commands)
-        diags = [diag_values(m) for m in probe.msgs["/diagnostics"] if m.status[0].name.startswith("policy_node")]
+        diags = [diag_values(m) for m in _policy_diags(probe)]
         assert diags and diags[-1]["provider"] == "CPUExecutionProvider"
         assert max(int(d["commands"]) for d in diags) >= 1
     finally:
@@ -161,13 +165,14 @@ def test_config_errors_keep_node_up_and_report(artifact, domain, tmp_path, case)
         params.write_text(f"/**/policy_node:\n  ros__parameters:\n    artifact_dir: {artifact}\n"
                           "    control_rate: 5.0\n")
         args, expect = ["--params-file", str(params)], "control_rate"
-    node = start_node(POLICY, args + ["-p", "diagnostics_period_s:=0.2"], env, tmp_path / "policy.log")
+    node = start_node(POLICY, [*args, "-p", "diagnostics_period_s:=0.2"], env, tmp_path / "policy.log")
     probe = Probe(domain_id)
     try:
         probe.subscribe("/diagnostics", DiagnosticArray)
         ok = probe.wait_for(_diag(probe, "", lambda v, s: s.level == DiagnosticStatus.ERROR), 60)
         assert ok, (tmp_path / "policy.log").read_text()[-2000:]
-        status = [m.status[0] for m in probe.msgs["/diagnostics"] if m.status[0].level == DiagnosticStatus.ERROR][-1]
+        errors = [m.status[0] for m in _policy_diags(probe) if m.status[0].level == DiagnosticStatus.ERROR]
+        status = errors[-1]
         assert f"parameter '{expect}'" in status.message
         assert diag_values(probe.msgs["/diagnostics"][-1])["state"] == "unconfigured"
         # still alive and still reporting, with no command publisher

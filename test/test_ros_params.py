@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from test_ros_support import REPO
 
 from daptq_ros.nodes.params import (
     POLICY_NODE_SPECS,
@@ -17,7 +18,6 @@ from daptq_ros.nodes.params import (
     validate_policy_params,
     validate_sim_params,
 )
-from test_ros_support import REPO
 
 CONFIG = REPO / "config" / "policy.yaml"
 
@@ -78,8 +78,9 @@ def test_policy_param_errors_name_the_parameter(values, name, fragment):
 
 @pytest.mark.parametrize(
     ("values", "name"),
-    [({"tasks": []}, "tasks"), ({"max_steps": 0}, "max_steps"), ({"action_names": ["a", "b"]}, "action_names"),
-     ({"control_mode": "async"}, "control_mode"), ({"episodes": 3}, "episodes")],
+    [({"tasks": []}, "tasks"), ({"max_steps": 0}, "max_steps"),
+     ({"action_names": ["a", "b"]}, "action_names"), ({"control_mode": "async"}, "control_mode"),
+     ({"episodes": 3}, "episodes")],
 )
 def test_sim_param_errors_name_the_parameter(values, name):
     with pytest.raises(ParamError) as info:
@@ -111,5 +112,5 @@ def test_params_file_unknown_keys_and_sections(tmp_path):
     with pytest.raises(ParamError, match="execute_steps"):
         read_params_file(bad)
     bad.write_text("/**/sim_bridge:\n  ros__parameters:\n    nested:\n      key: 1\n")
-    with pytest.raises(ParamError, match="nested.key"):
+    with pytest.raises(ParamError, match=r"nested\.key"):
         read_params_file(bad)

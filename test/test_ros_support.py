@@ -154,9 +154,11 @@ class Probe:
     def subscribe(self, topic: str, msg_type: type, reliable: bool = True, latched: bool = False) -> None:
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
-        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable
-                         else ReliabilityPolicy.BEST_EFFORT,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+        qos = QoSProfile(
+            depth=100,
+            reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
+        )
 
         def callback(msg, topic=topic):
             with self.cond:
