@@ -197,3 +197,40 @@ def test_refusals(fp, tmp_path):
     legacy.opset_import[0].version = 17
     with pytest.raises(ExportError, match="opset >= 21"):
         rewrite_qdq(legacy, [rtn("fc1", model.fc1.weight, 8)])
+
+
+class _Twice(torch.nn.Module):
+    """One Linear applied at two steps (like the flow head): two MatMuls share one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def test_layer_called_twice_shares_one_weight_dq(tmp_path):
+    torch.manual_seed(0)
+    model = _Twice().eval()
+    x = torch.randn(1, 8, 32)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(tmp_path / "t.onnx"),
+        dynamo=True,
+        opset_version=21,
+        input_names=["x"],
+        output_names=["y"],
+    )
+    proto = onnx.load(str(tmp_path / "t.onnx"))
+    lq = rtn("lin", model.lin.weight, 8, input_scale=float(x.abs().max()) / 127)
+    counts = rewrite_qdq(proto, [lq])
+    assert counts == {"DequantizeLinear": 3, "QuantizeLinear": 2}  # one weight DQ, two activation pairs
+    assert "Transpose" not in [n.op_type for n in proto.graph.node]
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "q.onnx"))
+    with torch.no_grad():
+        ref = fake_quant_reference(model, [lq])(x).numpy()
+    got = ort_run(tmp_path / "q.onnx", {"x": x.numpy()}, disable_all=True)
+    assert rel_err(got, ref) < 1e-3

@@ -160,8 +160,26 @@ def node_module_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _weight_initializer_name(node: onnx.NodeProto) -> str | None:
-    return node.input[1] if len(node.input) > 1 else None
+def _weight_source(
+    node: onnx.NodeProto, inits: Mapping[str, Any], producers: Mapping[str, onnx.NodeProto]
+) -> tuple[str | None, bool]:
+    """(initializer feeding the node's weight input, whether it goes through a 2-D Transpose).
+
+    Dynamo graphs fold ``W^T`` into a new initializer for a Linear called once but keep
+    ``Transpose(W)`` when the transposed weight is shared by several calls (flow-head steps).
+    """
+    if len(node.input) < 2:
+        return None, False
+    name = node.input[1]
+    if name in inits:
+        return name, False
+    prod = producers.get(name)
+    is_transpose = prod is not None and prod.op_type == "Transpose" and prod.input[0] in inits
+    if node.op_type == "MatMul" and is_transpose:
+        perm = next((list(helper.get_attribute_value(a)) for a in prod.attribute if a.name == "perm"), [1, 0])
+        if perm == [1, 0]:
+            return prod.input[0], True
+    return None, False
 
 
 def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict[str, list[onnx.NodeProto]]:
@@ -174,13 +192,14 @@ def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict
     Raises:
         ExportError: a planned layer has no node in the graph.
     """
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
     found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
-        w_name = _weight_initializer_name(node)
-        if w_name not in inits:
+        w_name, _ = _weight_source(node, inits, producers)
+        if w_name is None:
             continue  # activation x activation MatMul (attention scores): not a weight layer
         candidates = node_module_names(node)
         if w_name.endswith(".weight"):
@@ -203,6 +222,7 @@ class _Rewriter:
         self.model = model
         self.flavour = flavour
         self.inits = {i.name: i for i in model.graph.initializer}
+        self.producers = {out: n for n in model.graph.node for out in n.output}
         self.new_inits: list[onnx.TensorProto] = []
         self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # id(node) -> nodes to insert
         self.after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
@@ -272,8 +292,10 @@ class _Rewriter:
         return dq_out
 
     def rewrite(self, node: onnx.NodeProto, lq: LayerQuant, call: int = 0) -> None:
-        w_name = node.input[1]
+        w_name, transposed = _weight_source(node, self.inits, self.producers)
         w = numpy_helper.to_array(self.inits[w_name])
+        if transposed:
+            w = w.T
         out_dim, in_flat = lq.w_int.shape[0], int(np.prod(lq.w_int.shape[1:]))
         if node.op_type == "Conv":
             if w.shape != lq.w_int.shape:
@@ -317,12 +339,39 @@ class _Rewriter:
             nodes.extend(self.before.get(id(node), []))
             nodes.append(node)
             nodes.extend(self.after.get(id(node), []))
+        # Drop nodes left without consumers (the Transpose(W) feeding a now-quantized MatMul).
+        outputs = {o.name for o in graph.output}
+        while True:
+            used = {name for n in nodes for name in n.input} | outputs
+            alive = [n for n in nodes if any(o in used for o in n.output)]
+            if len(alive) == len(nodes):
+                break
+            nodes = alive
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(_topological(nodes, {i.name for i in graph.input} | set(self.inits)
+                                       | {t.name for t in self.new_inits}))
         used = {name for n in graph.node for name in n.input}
         kept = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept + self.new_inits)
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Stable topological order (a shared activation Q/DQ may be created after its first user)."""
+    ready = set(available) | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"graph has a cycle or a dangling input at node {rest[0].name!r}")
+        pending = rest
+    return ordered
 
 
 def rewrite_qdq(model: onnx.ModelProto, plan: Sequence[LayerQuant], flavour: str = "trt") -> dict[str, int]:
