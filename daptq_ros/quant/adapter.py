@@ -45,6 +45,42 @@ class PolicyAdapter(ABC):
     def interface_layers(self, model: nn.Module) -> list[str]:
         """Names of the Linear layers forming the vision-language -> action interface."""
 
+    def action_to_raw(self, actions: torch.Tensor) -> torch.Tensor:
+        """Map normalized actions to raw units (default: identity). Used for the drift Jacobian."""
+        return actions
+
+    def targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Demonstrated (normalized) action chunks (B, H, A) of a batch, if it has them.
+
+        Default: ``batch["actions"]`` when present. Only DA-PTQ's paper-faithful layer score (a
+        gradient of the drift-weighted loss at the FP model) needs ground truth.
+        """
+        value = batch.get("actions")
+        return value if isinstance(value, torch.Tensor) else None
+
+    def joint_jacobian(self, actions_raw: torch.Tensor) -> torch.Tensor:
+        """Kinematic Jacobian (N, C, A) at raw joint-space actions (N, A), for ``action_space="joint"``.
+
+        Joint-space policies must override this (or give ``drift.jacobian_matrix`` in the recipe).
+        """
+        raise AdapterError(
+            f"{type(self).__name__} has no joint_jacobian(); override it or set drift.jacobian_matrix"
+        )
+
+    def attention_modules(self, model: nn.Module) -> dict[str, int]:
+        """Attention modules (name -> number of heads): modules with q/k/v/o_proj children and a
+        ``heads``/``num_heads``/``n_heads`` attribute; q and k must be split into heads as
+        ``(..., heads, dim // heads)`` with softmax(q kᵀ / sqrt(d)) and no norm after q (QuantVLA ATM).
+        """
+        found: dict[str, int] = {}
+        for name, m in model.named_modules():
+            if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                heads = next((getattr(m, a) for a in ("heads", "num_heads", "n_heads") if hasattr(m, a)), None)
+                if not isinstance(heads, int):
+                    raise AdapterError(f"attention module {name!r} has no integer heads/num_heads attribute")
+                found[name] = heads
+        return found
+
     def validate(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Check that names exist and :meth:`run` returns a finite (B, H, A) tensor; returns it."""
         if self.action_space not in ACTION_SPACES:
