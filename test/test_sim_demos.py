@@ -103,6 +103,11 @@ def test_load_episode_validation(tmp_path, demo_dir):
         list_episodes(tmp_path / "absent")
 
 
+def test_cli_bad_arguments_exit_2(tmp_path):
+    assert daptq_main(["sim", "demos", "--out", str(tmp_path), "--tasks", "reach-v9"]) == 2
+    assert daptq_main(["sim", "demos", "--out", str(tmp_path), "--episodes-per-task", "0"]) == 2
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         generate_demos(tmp_path, "reach-v9")

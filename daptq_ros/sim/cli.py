@@ -47,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tasks = parse_tasks(args.tasks)
+        summaries = generate_demos(
+            args.out, tasks, episodes_per_task=args.episodes_per_task, seed=args.seed,
+            workers=args.workers, image_size=args.image_size, max_steps=args.max_steps,
+            max_extra_seeds=args.max_extra_seeds,
+        )
     except ValueError as err:
         logger.error("%s", err)
         return 2
-    summaries = generate_demos(
-        args.out, tasks, episodes_per_task=args.episodes_per_task, seed=args.seed, workers=args.workers,
-        image_size=args.image_size, max_steps=args.max_steps, max_extra_seeds=args.max_extra_seeds,
-    )
     header = f"{'task':<26}{'have':>6}{'new':>6}{'failed':>8}{'mean steps':>12}"
     print(header)
     print("-" * len(header))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from daptq_ros.sim.dataset_index import episode_path, list_episodes, parse_episode_name, write_npz_atomic
 from daptq_ros.sim.parallel import make_executor
-from daptq_ros.sim.tasks import canonical_instruction, parse_tasks
+from daptq_ros.sim.tasks import EVAL_SEED_START, canonical_instruction, parse_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,9 @@ def generate_demos(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     extra_limit = max(5, episodes_per_task) if max_extra_seeds is None else int(max_extra_seeds)
+    if seed + episodes_per_task + extra_limit > EVAL_SEED_START:
+        logger.warning("demo seeds from %d may reach the evaluation seeds (>= %d): evaluation layouts "
+                       "would no longer be held out", seed, EVAL_SEED_START)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*/*.npz.tmp*"):  # left by a killed run; never a complete episode
