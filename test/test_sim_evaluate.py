@@ -1,6 +1,7 @@
 """Closed-loop evaluator: expert sanity run, JSON structure, drift metrics, determinism, errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -119,3 +120,32 @@ def test_policy_spec_errors(tmp_path):
 def test_cli_reports_bad_policy_spec(tmp_path):
     rc = daptq_main(["evaluate", "--policy", str(tmp_path / "nope"), "--tasks", "reach-v3"])
     assert rc == 2
+
+
+def test_torch_checkpoint_drift_against_itself_and_another_model(tmp_path):
+    """End to end through load_policy's checkpoint path, with a flow head (noise-dependent)."""
+    testing = pytest.importorskip("daptq_ros.model.testing")
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    ckpt_a = testing.write_tiny_checkpoint(tmp_path / "a", seed=0)
+    # A perturbed copy (the fresh model zero-initializes its output layers, so two random seeds
+    # would both predict the mean action): a stand-in for a quantized twin.
+    with safe_open(str(ckpt_a), "np") as f:
+        meta = f.metadata()
+    rng = np.random.default_rng(0)
+    tensors = {k: v + (0.05 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+               for k, v in load_file(str(ckpt_a)).items()}
+    (tmp_path / "b").mkdir()
+    ckpt_b = tmp_path / "b" / "policy.safetensors"
+    save_file(tensors, str(ckpt_b), metadata=meta)
+    shutil.copy(tmp_path / "a" / "instructions.safetensors", tmp_path / "b" / "instructions.safetensors")
+    cfg = EvalConfig(tasks=("reach-v3",), episodes=1, max_steps=8, image_size=32, workers=1)
+    same = evaluate(str(ckpt_b), str(ckpt_b), cfg)["tasks"]["reach-v3"]["drift"]
+    # Same weights, same probe noise, same per-episode generator seed: identical rollouts.
+    assert same["open_loop"]["steps"] == 8 and max(same["open_loop"]["max_per_dof"]) == 0.0
+    assert same["ee_final_distance"] == 0.0 and max(same["action_rms_diff_per_dof"]) == 0.0
+    other = evaluate(str(ckpt_a), str(ckpt_b), cfg)["tasks"]["reach-v3"]["drift"]
+    assert min(other["open_loop"]["mean_per_dof"]) > 0.0
+    assert np.asarray(other["open_loop"]["mean_per_horizon"]).shape == (4, 4)  # chunk 4 x 4 DoF
+    assert other["ee_mean_distance"] > 0.0

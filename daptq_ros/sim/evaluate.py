@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ PolicySpec = str | os.PathLike | StepPolicy
 
 
 # ---------------------------------------------------------------------------- policies
-def load_policy(spec: str | os.PathLike) -> StepPolicy:
+def load_policy(spec: str | os.PathLike, threads: int | None = None) -> StepPolicy:
     """Load a StepPolicy from a spec string.
 
     Args:
@@ -56,6 +55,8 @@ def load_policy(spec: str | os.PathLike) -> StepPolicy:
             ``manifest.json`` (ONNX, :class:`daptq_ros.runtime.onnx_policy.OnnxStepPolicy`) or a
             ``.safetensors`` checkpoint, FP or quantized
             (:meth:`daptq_ros.model.torch_policy.TorchPolicy.from_checkpoint`).
+        threads: CPU threads for inference (ORT intra-op threads / ``torch.set_num_threads``);
+            None keeps the library default. Evaluation workers use 1 so they do not oversubscribe.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -69,9 +70,13 @@ def load_policy(spec: str | os.PathLike) -> StepPolicy:
     if kind == "onnx":
         from daptq_ros.runtime.onnx_policy import OnnxStepPolicy
 
-        return OnnxStepPolicy(str(spec))
+        return OnnxStepPolicy(str(spec), threads=threads)
+    import torch
+
     from daptq_ros.model.torch_policy import TorchPolicy
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     return TorchPolicy.from_checkpoint(str(spec))
 
 
@@ -224,8 +229,8 @@ def rollout(
 _W: dict[str, Any] = {}
 
 
-def _as_policy(spec: PolicySpec) -> StepPolicy:
-    return load_policy(spec) if isinstance(spec, (str, os.PathLike)) else spec
+def _as_policy(spec: PolicySpec, threads: int | None) -> StepPolicy:
+    return load_policy(spec, threads) if isinstance(spec, (str, os.PathLike)) else spec
 
 
 def _spec_name(spec: PolicySpec | None) -> str | None:
@@ -246,15 +251,14 @@ def _init_worker(
 
     _W.clear()
     _W["envs"] = EnvCache(image_size, camera, wrist_camera, close_at_exit=not in_process)
+    threads = None if in_process else 1  # one core per worker; workers <= cores
     try:
-        _W["policy"] = _as_policy(policy_spec)
-        _W["reference"] = _as_policy(reference_spec) if reference_spec is not None else None
+        _W["policy"] = _as_policy(policy_spec, threads)
+        _W["reference"] = _as_policy(reference_spec, threads) if reference_spec is not None else None
     except Exception as err:  # reported by the first job: pool initializer errors lose the message
         _W["init_error"] = f"{type(err).__name__}: {err}"
         if in_process:
             raise
-    if not in_process and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)  # one core per worker; workers <= cores
 
 
 def _close_worker() -> None:
