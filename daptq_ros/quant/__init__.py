@@ -17,8 +17,24 @@ from daptq_ros.quant.recipe import QuantRecipe, load_recipe
 from daptq_ros.quant.registry import UnknownMethodError, available_methods, register_method
 
 __all__ = [
-    "AdapterError", "BudgetError", "CalibrationError", "DriftLoss", "DriftOptions", "LayerSpec",
-    "PolicyAdapter", "QuantContext", "QuantConv2d", "QuantInfo", "QuantLinear", "QuantRecipe",
-    "QuantResult", "UnknownMethodError", "available_methods", "load_quantized", "load_recipe",
-    "quantize_policy", "register_method", "save_quantized",
+    "AdapterError",
+    "BudgetError",
+    "CalibrationError",
+    "DriftLoss",
+    "DriftOptions",
+    "LayerSpec",
+    "PolicyAdapter",
+    "QuantContext",
+    "QuantConv2d",
+    "QuantInfo",
+    "QuantLinear",
+    "QuantRecipe",
+    "QuantResult",
+    "UnknownMethodError",
+    "available_methods",
+    "load_quantized",
+    "load_recipe",
+    "quantize_policy",
+    "register_method",
+    "save_quantized",
 ]

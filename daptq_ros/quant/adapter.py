@@ -75,7 +75,9 @@ class PolicyAdapter(ABC):
         found: dict[str, int] = {}
         for name, m in model.named_modules():
             if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                heads = next((getattr(m, a) for a in ("heads", "num_heads", "n_heads") if hasattr(m, a)), None)
+                heads = next(
+                    (getattr(m, a) for a in ("heads", "num_heads", "n_heads") if hasattr(m, a)), None
+                )
                 if not isinstance(heads, int):
                     raise AdapterError(f"attention module {name!r} has no integer heads/num_heads attribute")
                 found[name] = heads

@@ -65,7 +65,9 @@ class QuantContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def is_conv(self, name: str) -> bool:
-        return isinstance(get_module(self.model, name), nn.Conv2d) or hasattr(get_module(self.model, name), "kernel_size")
+        return isinstance(get_module(self.model, name), nn.Conv2d) or hasattr(
+            get_module(self.model, name), "kernel_size"
+        )
 
     def spec(self, bits: int, channel_bits: list[int] | None = None, **overrides: Any) -> LayerSpec:
         """A LayerSpec with the recipe's grid/activation settings at ``bits``."""
@@ -96,18 +98,25 @@ class QuantContext:
         """``recipe.w_bits``, or with a budget the largest uniform bit-width that fits it."""
         if self.recipe.budget is None:
             return self.recipe.w_bits
-        fits = [b for b in (*INT_WEIGHT_BITS, FLOAT_BITS) if self.avg_bits(self.uniform_plan(b, layers)) <= self.recipe.budget + 1e-9]
+        fits = [
+            b
+            for b in (*INT_WEIGHT_BITS, FLOAT_BITS)
+            if self.avg_bits(self.uniform_plan(b, layers)) <= self.recipe.budget + 1e-9
+        ]
         if not fits:
             lowest = self.avg_bits(self.uniform_plan(min(INT_WEIGHT_BITS), layers))
             raise BudgetError(
                 f"budget {self.recipe.budget} average bits is unmeetable for method {self.recipe.method!r}: "
-                f"uniform {min(INT_WEIGHT_BITS)}-bit already needs {lowest:.3f} (scales and float layers included)"
+                f"uniform {min(INT_WEIGHT_BITS)}-bit already needs {lowest:.3f} "
+                "(scales and float layers included)"
             )
         return max(fits)
 
     def drift_of(self, model: nn.Module | None = None, sweep: bool = True) -> float:
         """Calibration drift loss of ``model`` (default: the working model) vs FP."""
-        batches, refs = (self.sweep_batches, self.fp_sweep_actions) if sweep else (self.batches, self.fp_actions)
+        batches, refs = (
+            (self.sweep_batches, self.fp_sweep_actions) if sweep else (self.batches, self.fp_actions)
+        )
         preds = run_batches(model if model is not None else self.model, self.adapter, batches)
         return self.drift.over_batches(preds, refs)
 
@@ -148,7 +157,9 @@ class QuantResult:
             "size": self.size,
             "seconds": self.seconds,
             "calib_frames": self.calib_frames,
-            "layers": {n: {**s.to_dict(), "sensitivity": self.sensitivity.get(n)} for n, s in self.layers.items()},
+            "layers": {
+                n: {**s.to_dict(), "sensitivity": self.sensitivity.get(n)} for n, s in self.layers.items()
+            },
             "extras": self.extras,
         }
 
@@ -189,25 +200,52 @@ def quantize_policy(
     drift = DriftLoss.from_reference(fp_actions, recipe.drift, adapter)
     targets = [n for n in names if not match_any(n, recipe.skip)]
     engine = EngineOptions(
-        rounding=recipe.resolved_rounding(), w_clip=recipe.w_clip, gptq=recipe.gptq,
-        act_calibration=recipe.act_calibration, act_percentile=recipe.act_percentile, seed=recipe.seed,
+        rounding=recipe.resolved_rounding(),
+        w_clip=recipe.w_clip,
+        gptq=recipe.gptq,
+        act_calibration=recipe.act_calibration,
+        act_percentile=recipe.act_percentile,
+        seed=recipe.seed,
     )
     ctx = QuantContext(
-        model=model, adapter=adapter, recipe=recipe, options=options, batches=batches, sweep_batches=sweep,
-        fp_model=fp_model, fp_actions=fp_actions, fp_sweep_actions=fp_actions[: len(sweep)], drift=drift,
-        targets=targets, shapes=shapes, engine=engine,
+        model=model,
+        adapter=adapter,
+        recipe=recipe,
+        options=options,
+        batches=batches,
+        sweep_batches=sweep,
+        fp_model=fp_model,
+        fp_actions=fp_actions,
+        fp_sweep_actions=fp_actions[: len(sweep)],
+        drift=drift,
+        targets=targets,
+        shapes=shapes,
+        engine=engine,
     )
-    logger.info("quantizing with %s (%d target layers, %d skipped, rounding %s)",
-                recipe.method, len(targets), len(names) - len(targets), engine.rounding)
+    logger.info(
+        "quantizing with %s (%d target layers, %d skipped, rounding %s)",
+        recipe.method,
+        len(targets),
+        len(names) - len(targets),
+        engine.rounding,
+    )
     plan = method_cls().apply(ctx)
     full = {n: plan.get(n, LayerSpec(w_bits=FLOAT_BITS, a_bits=16)) for n in names}
     achieved = avg_bits(full, shapes)
     check_budget(recipe.budget, achieved, recipe.method)
     loss = ctx.drift_of(sweep=False)
     result = QuantResult(
-        method=recipe.method, recipe=to_dict(recipe), layers=full, avg_bits=achieved, budget=recipe.budget,
-        drift_loss=loss, size=size_report(model, full), sensitivity=ctx.sensitivity, extras=ctx.extras,
-        seconds=time.perf_counter() - start, calib_frames=sum(int(a.shape[0]) for a in fp_actions),
+        method=recipe.method,
+        recipe=to_dict(recipe),
+        layers=full,
+        avg_bits=achieved,
+        budget=recipe.budget,
+        drift_loss=loss,
+        size=size_report(model, full),
+        sensitivity=ctx.sensitivity,
+        extras=ctx.extras,
+        seconds=time.perf_counter() - start,
+        calib_frames=sum(int(a.shape[0]) for a in fp_actions),
     )
     logger.info("%s: %.3f avg bits, drift loss %.4g, %.1f s", recipe.method, achieved, loss, result.seconds)
     return result

@@ -49,7 +49,9 @@ def prepare_batches(batches: Iterable[Batch], max_frames: int, min_frames: int) 
     frames = 0
     for batch in batches:
         if not isinstance(batch, Mapping):
-            raise CalibrationError(f"calibration batches must be dicts of tensors, got {type(batch).__name__}")
+            raise CalibrationError(
+                f"calibration batches must be dicts of tensors, got {type(batch).__name__}"
+            )
         if frames >= max_frames:
             break
         out.append(batch)
@@ -105,7 +107,9 @@ def capture(
         if name not in modules:
             raise KeyError(f"model has no module {name!r}")
         mod = modules[name]
-        handles.append(mod.register_forward_pre_hook(lambda m, args, n=name: on_input(n, m, args[0].detach())))
+        handles.append(
+            mod.register_forward_pre_hook(lambda m, args, n=name: on_input(n, m, args[0].detach()))
+        )
         if on_output is not None:
             handles.append(mod.register_forward_hook(lambda m, a, out, n=name: on_output(n, m, out.detach())))
     try:

@@ -49,7 +49,10 @@ class QuantInfo:
 
 
 def save_quantized(
-    path: str | Path, model: nn.Module, result: Any, base: dict[str, Any] | None = None,
+    path: str | Path,
+    model: nn.Module,
+    result: Any,
+    base: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (fake-quant modules) and ``result`` (a QuantResult) to ``path``."""
@@ -99,7 +102,9 @@ def _default_factory(base: dict[str, Any]) -> nn.Module:
     return ReferenceVLA(load_config(VLAConfig, base["config"]))
 
 
-def load_quantized(path: str | Path, model_factory: ModelFactory | None = None) -> tuple[nn.Module, QuantInfo]:
+def load_quantized(
+    path: str | Path, model_factory: ModelFactory | None = None
+) -> tuple[nn.Module, QuantInfo]:
     """Rebuild the fake-quant model saved by :func:`save_quantized`.
 
     Args:
@@ -111,7 +116,9 @@ def load_quantized(path: str | Path, model_factory: ModelFactory | None = None) 
 
     meta = read_quant_meta(path)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported quantized format {meta.get('format')!r} v{meta.get('version')}")
+        raise CheckpointError(
+            f"{path}: unsupported quantized format {meta.get('format')!r} v{meta.get('version')}"
+        )
     base = meta.get("base") or {}
     model = (model_factory or _default_factory)(base)
     layers = {n: LayerSpec.from_dict(d) for n, d in meta["layers"].items()}

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--demos", help="demo directory for calibration frames (DIR/<task>/*.npz)")
     src.add_argument("--calib-bag", help="rosbag2 recording for calibration frames")
-    parser.add_argument("--policy", help="custom policy provider MODULE:FUNCTION (instead of the reference VLA)")
+    parser.add_argument(
+        "--policy", help="custom policy provider MODULE:FUNCTION (instead of the reference VLA)"
+    )
     parser.add_argument("--out", default="quantized", help="output directory (default: %(default)s)")
     parser.add_argument("--method", help="override recipe.method")
     parser.add_argument("--budget", type=float, help="override recipe.budget (average bits per weight)")
@@ -43,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _git_rev() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -73,7 +76,9 @@ def _reference_bundle(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
         try:
             from daptq_ros.drift.bag_calibration import calibration_batches
         except ImportError as err:
-            raise ConfigError(f"--calib-bag needs daptq_ros.drift.bag_calibration, unavailable: {err}") from err
+            raise ConfigError(
+                f"--calib-bag needs daptq_ros.drift.bag_calibration, unavailable: {err}"
+            ) from err
         batches = calibration_batches(args.calib_bag, loaded, frames=recipe.calib_frames, seed=recipe.seed)
     elif args.demos:
         from daptq_ros.model.data import calibration_batches
@@ -96,23 +101,47 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = args.config if Path(args.config).is_file() or args.config != DEFAULT_CONFIG else None
-        recipe = load_recipe(config, method=args.method, budget=args.budget, w_bits=args.w_bits,
-                             calib_frames=args.calib_frames)
+        recipe = load_recipe(
+            config, method=args.method, budget=args.budget, w_bits=args.w_bits, calib_frames=args.calib_frames
+        )
         bundle = _load_provider(args.policy)(args) if args.policy else _reference_bundle(args, recipe)
         model = bundle["model"]
         result = quantize_policy(model, bundle["adapter"], bundle["calib_batches"], recipe)
         out = Path(args.out)
-        provenance = {"command": "daptq quantize", "config": args.config, "checkpoint": args.checkpoint,
-                      "policy": args.policy, "demos": args.demos, "calib_bag": args.calib_bag, "git": _git_rev()}
+        provenance = {
+            "command": "daptq quantize",
+            "config": args.config,
+            "checkpoint": args.checkpoint,
+            "policy": args.policy,
+            "demos": args.demos,
+            "calib_bag": args.calib_bag,
+            "git": _git_rev(),
+        }
         ckpt = save_quantized(out / CHECKPOINT_NAME, model, result, bundle.get("base"), provenance)
         paths = write_report(result, out, {"checkpoint": str(ckpt), "provenance": provenance})
-    except (ConfigError, AdapterError, CalibrationError, BudgetError, UnknownMethodError, CheckpointError) as err:
+    except (
+        ConfigError,
+        AdapterError,
+        CalibrationError,
+        BudgetError,
+        UnknownMethodError,
+        CheckpointError,
+    ) as err:
         logger.error("%s", err)
         return 2
-    summary = {"checkpoint": str(ckpt), "report": str(paths["md"]), "method": result.method,
-               "avg_bits": result.avg_bits, "drift_loss": result.drift_loss, "size": result.size}
-    print(f"{result.method}: {result.avg_bits:.3f} avg bits, drift loss {result.drift_loss:.4g}, "
-          f"{result.size['quant_bytes'] / 1024:.1f} KiB vs fp32 {result.size['fp32_bytes'] / 1024:.1f} KiB -> {ckpt}")
+    summary = {
+        "checkpoint": str(ckpt),
+        "report": str(paths["md"]),
+        "method": result.method,
+        "avg_bits": result.avg_bits,
+        "drift_loss": result.drift_loss,
+        "size": result.size,
+    }
+    print(
+        f"{result.method}: {result.avg_bits:.3f} avg bits, drift loss {result.drift_loss:.4g}, "
+        f"{result.size['quant_bytes'] / 1024:.1f} KiB vs fp32 "
+        f"{result.size['fp32_bytes'] / 1024:.1f} KiB -> {ckpt}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0

@@ -102,12 +102,16 @@ def _sym_pow(C: torch.Tensor, power: float, ridge: float) -> torch.Tensor:
 
 
 def solve(
-    mu_fp: torch.Tensor, cov_fp: torch.Tensor, mu_q: torch.Tensor, cov_q: torch.Tensor, opts: CSRCOptions,
+    mu_fp: torch.Tensor,
+    cov_fp: torch.Tensor,
+    mu_q: torch.Tensor,
+    cov_q: torch.Tensor,
+    opts: CSRCOptions,
     rank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gains g (C,), correction A = M·diag(g) (C, C) and offset d (C,) with z̃ = A ẑ + d."""
     r = opts.rank if rank is None else rank
-    g = (cov_fp.diagonal().clamp_min(0).sqrt() / (cov_q.diagonal().clamp_min(0).sqrt() + opts.eps))
+    g = cov_fp.diagonal().clamp_min(0).sqrt() / (cov_q.diagonal().clamp_min(0).sqrt() + opts.eps)
     g = g.clamp(opts.g_min, opts.g_max)
     A = torch.diag(g)
     if r > 0:
@@ -135,11 +139,16 @@ def fold_affine(module: nn.Module, g: torch.Tensor, d: torch.Tensor) -> None:
         module.bias.copy_(g32 * module.bias + d32)
 
 
-def fold_dense(module: nn.Module, A: torch.Tensor, d: torch.Tensor, engine: EngineOptions,
-               H: torch.Tensor | None) -> None:
+def fold_dense(
+    module: nn.Module, A: torch.Tensor, d: torch.Tensor, engine: EngineOptions, H: torch.Tensor | None
+) -> None:
     """Fold z̃ = A z + d into the producer; a quantized producer is re-rounded (see module doc)."""
     W = flat_weight(module).double()
-    b = module.bias.detach().double() if module.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b = (
+        module.bias.detach().double()
+        if module.bias is not None
+        else torch.zeros(W.shape[0], dtype=torch.float64)
+    )
     new_w, new_b = A @ W, A @ b + d
     with torch.no_grad():
         if is_quantized(module):
@@ -152,18 +161,29 @@ def fold_dense(module: nn.Module, A: torch.Tensor, d: torch.Tensor, engine: Engi
 
 
 def compensate_layer(
-    model: nn.Module, fp_model: nn.Module, adapter: PolicyAdapter, batches: Sequence[Batch], name: str,
-    opts: CSRCOptions, engine: EngineOptions,
+    model: nn.Module,
+    fp_model: nn.Module,
+    adapter: PolicyAdapter,
+    batches: Sequence[Batch],
+    name: str,
+    opts: CSRCOptions,
+    engine: EngineOptions,
 ) -> dict[str, float]:
     """Apply CSRC to interface layer ``name`` of ``model`` (teacher ``fp_model``); returns stats."""
     module = get_module(model, name)
-    if not isinstance(module, nn.Linear) and not (is_quantized(module) and not hasattr(module, "kernel_size")):
+    if not isinstance(module, nn.Linear) and not (
+        is_quantized(module) and not hasattr(module, "kernel_size")
+    ):
         raise TypeError(f"CSRC targets Linear layers; {name!r} is a {type(module).__name__}")
     mu_fp, cov_fp = output_stats(fp_model, adapter, batches, name)
     mu_q, cov_q = output_stats(model, adapter, batches, name)
     g, A, d = solve(mu_fp, cov_fp, mu_q, cov_q, opts)
-    info = {"g_min": float(g.min()), "g_max": float(g.max()), "d_abs_mean": float(d.abs().mean()),
-            "mean_err_before": float((mu_fp - mu_q).abs().mean())}
+    info = {
+        "g_min": float(g.min()),
+        "g_max": float(g.max()),
+        "d_abs_mean": float(d.abs().mean()),
+        "mean_err_before": float((mu_fp - mu_q).abs().mean()),
+    }
     if opts.rank == 0:
         fold_affine(module, g, d)
         return info

@@ -116,16 +116,22 @@ def dimension_weights(
     elif opts.jacobian == "cartesian":
         names = list(getattr(adapter, "action_dim_names", ()) or ())
         if len(names) != a:
-            raise AdapterError("drift.jacobian 'cartesian' needs adapter.action_dim_names for every action dim")
-        s = torch.tensor([opts.w_trans if n.lower() in _TRANSLATION_NAMES else opts.w_rot for n in names],
-                         dtype=torch.float64)
+            raise AdapterError(
+                "drift.jacobian 'cartesian' needs adapter.action_dim_names for every action dim"
+            )
+        s = torch.tensor(
+            [opts.w_trans if n.lower() in _TRANSLATION_NAMES else opts.w_rot for n in names],
+            dtype=torch.float64,
+        )
     else:
         if opts.jacobian_matrix is not None:
             J = torch.tensor(opts.jacobian_matrix, dtype=torch.float64)[None].expand(q.shape[0], -1, -1)
         elif adapter is not None:
             J = adapter.joint_jacobian(q.float()).double()
         else:
-            raise AdapterError("drift.jacobian 'joint' needs drift.jacobian_matrix or an adapter joint_jacobian")
+            raise AdapterError(
+                "drift.jacobian 'joint' needs drift.jacobian_matrix or an adapter joint_jacobian"
+            )
         if J.shape[-1] != a:
             raise ValueError(f"joint Jacobian has {J.shape[-1]} columns, actions have {a} dims")
         rows = J.shape[-2]

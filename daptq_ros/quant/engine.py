@@ -146,8 +146,9 @@ def quantize_weight(
     if opts.rounding == "gptq":
         if H is None:
             raise ValueError("GPTQ rounding needs the layer's input Hessian")
-        return gptq_quantize(w, H, spec.w_bits, spec.group_size, spec.symmetric, spec.channel_bits,
-                             opts.w_clip, opts.gptq)
+        return gptq_quantize(
+            w, H, spec.w_bits, spec.group_size, spec.symmetric, spec.channel_bits, opts.w_clip, opts.gptq
+        )
     if opts.rounding == "rtn":
         return rtn_quantize(w, spec.w_bits, spec.group_size, spec.symmetric, spec.channel_bits, opts.w_clip)
     raise ValueError(f"rounding must be 'rtn' or 'gptq', got {opts.rounding!r}")
@@ -187,15 +188,23 @@ def quantize_layers(
 
 
 def calibrate_activations(
-    model: nn.Module, adapter: PolicyAdapter, batches: Sequence[Batch], layers: Sequence[str],
-    opts: EngineOptions, desc: str | None = None,
+    model: nn.Module,
+    adapter: PolicyAdapter,
+    batches: Sequence[Batch],
+    layers: Sequence[str],
+    opts: EngineOptions,
+    desc: str | None = None,
 ) -> None:
     """Set static int8 input scales of the quantized ``layers`` from one calibration pass.
 
     Input quantization is switched off during the pass (scales see the float inputs of the
     weight-quantized model, as ORT static calibration does).
     """
-    static = [n for n in layers if is_quantized(get_module(model, n)) and get_module(model, n).input_scale is not None]
+    static = [
+        n
+        for n in layers
+        if is_quantized(get_module(model, n)) and get_module(model, n).input_scale is not None
+    ]
     if not static:
         return
     mods = {n: get_module(model, n) for n in static}
@@ -212,7 +221,9 @@ def calibrate_activations(
         m.input_scale.fill_(obs.scale(n, opts.act_calibration, opts.act_percentile))
 
 
-def requantize(module: nn.Module, new_weight: torch.Tensor, opts: EngineOptions, H: torch.Tensor | None) -> None:
+def requantize(
+    module: nn.Module, new_weight: torch.Tensor, opts: EngineOptions, H: torch.Tensor | None
+) -> None:
     """Re-round a quantized layer onto a fresh grid for ``new_weight`` (out, in_flat), same spec."""
     tmp = nn.Linear(new_weight.shape[1], new_weight.shape[0], bias=False)
     tmp.weight.data = new_weight.float()

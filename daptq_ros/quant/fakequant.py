@@ -61,7 +61,9 @@ class LayerSpec:
         if self.a_bits not in (8, 16):
             raise ValueError(f"a_bits must be 8 or 16, got {self.a_bits}")
         if self.act_granularity not in ACT_GRANULARITIES:
-            raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+            raise ValueError(
+                f"act_granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}"
+            )
         if self.channel_bits is not None:
             bad = sorted({b for b in self.channel_bits if b not in (0, *INT_WEIGHT_BITS)})
             if bad:
@@ -126,7 +128,9 @@ def expand_groups(t: torch.Tensor, in_flat: int, group_size: int) -> torch.Tenso
     return t.repeat_interleave(group_size, dim=1)[:, :in_flat]
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """Float weights (out, in_flat) from integers, scales and optional zero points."""
     in_flat = q.shape[1]
     qf = q.float()
@@ -256,7 +260,9 @@ class _QuantBase(nn.Module):
         ng = n_groups(in_flat, spec.group_size)
         self.register_buffer("weight_int", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out, ng))
-        self.register_buffer("weight_zero", None if spec.symmetric else torch.zeros(out, ng, dtype=torch.int8))
+        self.register_buffer(
+            "weight_zero", None if spec.symmetric else torch.zeros(out, ng, dtype=torch.int8)
+        )
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
         quant_act = spec.a_bits == 8 and spec.act_granularity == "tensor"
         self.register_buffer("input_scale", torch.ones(()) if quant_act else None)
@@ -290,7 +296,8 @@ class _QuantBase(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         mixed = ", channel_bits" if s.channel_bits is not None else ""
-        return f"W{s.w_bits}A{s.a_bits} g{s.group_size} {'sym' if s.symmetric else 'asym'} {s.act_granularity}{mixed}"
+        sym = "sym" if s.symmetric else "asym"
+        return f"W{s.w_bits}A{s.a_bits} g{s.group_size} {sym} {s.act_granularity}{mixed}"
 
 
 class QuantLinear(_QuantBase):
@@ -321,8 +328,13 @@ class QuantConv2d(_QuantBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
-            self.quant_input(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
-            self.dilation, self.groups,
+            self.quant_input(x),
+            self.dequantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
 
 

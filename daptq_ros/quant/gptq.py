@@ -101,7 +101,9 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, opts.damp)
-    group_of = (torch.arange(cols) // group_size if group_size > 0 else torch.zeros(cols, dtype=torch.long))[perm]
+    group_of = (torch.arange(cols) // group_size if group_size > 0 else torch.zeros(cols, dtype=torch.long))[
+        perm
+    ]
 
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, opts.block_size):

@@ -70,13 +70,19 @@ class QuantRecipe:
         from daptq_ros.quant.registry import UnknownMethodError, get_method, method_options
 
         if self.version != RECIPE_VERSION:
-            raise ConfigError(f"version: recipe version {self.version} is not supported (expected {RECIPE_VERSION})")
+            raise ConfigError(
+                f"version: recipe version {self.version} is not supported (expected {RECIPE_VERSION})"
+            )
         try:
             get_method(self.method)
         except UnknownMethodError as err:
             raise ConfigError(f"method: {err}") from err
         checks = [
-            ("w_bits", self.w_bits in (*INT_WEIGHT_BITS, FLOAT_BITS), f"one of {(*INT_WEIGHT_BITS, FLOAT_BITS)}"),
+            (
+                "w_bits",
+                self.w_bits in (*INT_WEIGHT_BITS, FLOAT_BITS),
+                f"one of {(*INT_WEIGHT_BITS, FLOAT_BITS)}",
+            ),
             ("group_size", self.group_size == 0 or self.group_size >= 8, "0 or >= 8"),
             ("w_clip", self.w_clip in ("minmax", "mse"), "minmax or mse"),
             ("a_bits", self.a_bits in (8, 16), "8 or 16"),

@@ -26,12 +26,19 @@ def plot_layers(result: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(result.layers)
-    bits = [s.w_bits if s.channel_bits is None else sum(s.channel_bits) / len(s.channel_bits)
-            for s in result.layers.values()]
+    bits = [
+        s.w_bits if s.channel_bits is None else sum(s.channel_bits) / len(s.channel_bits)
+        for s in result.layers.values()
+    ]
     sens = [result.sensitivity.get(n) for n in names]
     has_sens = any(v is not None for v in sens)
-    fig, axes = plt.subplots(2 if has_sens else 1, 1, figsize=(max(8, 0.28 * len(names)), 6 if has_sens else 3.5),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if has_sens else 1,
+        1,
+        figsize=(max(8, 0.28 * len(names)), 6 if has_sens else 3.5),
+        sharex=True,
+        squeeze=False,
+    )
     ax = axes[0][0]
     ax.bar(range(len(names)), bits, color=["#888888" if b >= 16 else "#1f77b4" for b in bits])
     ax.set_ylabel("weight bits")
@@ -67,7 +74,8 @@ def write_report(result: Any, out_dir: str | Path, extra: dict[str, Any] | None 
         + (f" (budget {result.budget})" if result.budget is not None else ""),
         f"- calibration drift loss vs FP: **{result.drift_loss:.4g}** on {result.calib_frames} frames",
         f"- weight bytes: {_fmt_bytes(size['quant_bytes'])} vs fp32 {_fmt_bytes(size['fp32_bytes'])} "
-        f"({size['ratio_vs_fp32']:.1%}) and fp16 {_fmt_bytes(size['fp16_bytes'])} ({size['ratio_vs_fp16']:.1%})",
+        f"({size['ratio_vs_fp32']:.1%}) and fp16 {_fmt_bytes(size['fp16_bytes'])} "
+        f"({size['ratio_vs_fp16']:.1%})",
         f"- rounding: {result.recipe.get('rounding')}, group size {result.recipe.get('group_size')}, "
         f"activations A{result.recipe.get('a_bits')} ({result.recipe.get('act_granularity')})",
         f"- wall time: {result.seconds:.1f} s",
@@ -76,13 +84,26 @@ def write_report(result: Any, out_dir: str | Path, extra: dict[str, Any] | None 
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in result.layers.items():
-        bits = str(s.w_bits) if s.channel_bits is None else f"mixed ≤{s.w_bits} ({sum(s.channel_bits) / len(s.channel_bits):.2f})"
+        bits = (
+            str(s.w_bits)
+            if s.channel_bits is None
+            else f"mixed ≤{s.w_bits} ({sum(s.channel_bits) / len(s.channel_bits):.2f})"
+        )
         sens = result.sensitivity.get(name)
-        lines.append(f"| `{name}` | {bits} | {s.group_size} | {s.symmetric} | {s.a_bits} | {s.act_granularity} | "
-                     f"{'' if sens is None else f'{sens:.3g}'} |")
+        lines.append(
+            f"| `{name}` | {bits} | {s.group_size} | {s.symmetric} | {s.a_bits} | {s.act_granularity} | "
+            f"{'' if sens is None else f'{sens:.3g}'} |"
+        )
     lines += ["", "![per-layer bits and sensitivity](layers.png)", ""]
     if result.extras:
-        lines += ["## Method details", "", "```json", json.dumps(result.extras, indent=1, default=str)[:20000], "```", ""]
+        lines += [
+            "## Method details",
+            "",
+            "```json",
+            json.dumps(result.extras, indent=1, default=str)[:20000],
+            "```",
+            "",
+        ]
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines))
     logger.info("wrote %s, %s, %s", md_path, json_path, png)

@@ -86,34 +86,37 @@ class ToyVLA(nn.Module):
     def __init__(self, dim: int = 48, heads: int = 4, horizon: int = 4, action_dim: int = 4, steps: int = 4):
         super().__init__()
         self.horizon, self.action_dim, self.steps = horizon, action_dim, steps
-        self.vision = nn.ModuleDict({
-            "conv1": nn.Conv2d(3, 16, 3, stride=2, padding=1),
-            "conv2": nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            "proj": nn.Linear(32, dim),
-        })
+        self.vision = nn.ModuleDict(
+            {
+                "conv1": nn.Conv2d(3, 16, 3, stride=2, padding=1),
+                "conv2": nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                "proj": nn.Linear(32, dim),
+            }
+        )
         self.vision_pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
         self.proprio_proj = nn.Linear(PROPRIO, dim)
         self.readout = nn.Parameter(torch.randn(1, 2, dim) * 0.02)
         self.trunk = nn.ModuleList([ToyBlock(dim, heads) for _ in range(2)])
         self.trunk_norm = nn.LayerNorm(dim)
         self.vl_action_interface = nn.ModuleDict({"fc1": nn.Linear(dim, dim), "fc2": nn.Linear(dim, dim)})
-        self.action_head = nn.ModuleDict({
-            "action_in": nn.Linear(action_dim, dim),
-            "time_fc": nn.Linear(dim, dim),
-            "cond_pool": nn.Linear(dim, dim),
-            "blocks": nn.ModuleList([ToyDiTBlock(dim, heads) for _ in range(2)]),
-            "final": nn.Linear(dim, action_dim),
-        })
+        self.action_head = nn.ModuleDict(
+            {
+                "action_in": nn.Linear(action_dim, dim),
+                "time_fc": nn.Linear(dim, dim),
+                "cond_pool": nn.Linear(dim, dim),
+                "blocks": nn.ModuleList([ToyDiTBlock(dim, heads) for _ in range(2)]),
+                "final": nn.Linear(dim, action_dim),
+            }
+        )
         self.action_pos = nn.Parameter(torch.randn(1, horizon, dim) * 0.02)
-        for block in self.action_head["blocks"]:  # adaLN-zero (DiT): blocks start as identity
-            nn.init.zeros_(block.adaln.weight)
-            nn.init.zeros_(block.adaln.bias)
 
     def condition(self, image: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         v = self.vision
         feat = F.gelu(v["conv2"](F.gelu(v["conv1"](image))))  # (B, 32, 4, 4)
         tokens = v["proj"](feat.flatten(2).transpose(1, 2)) + self.vision_pos
-        x = torch.cat([tokens, self.proprio_proj(proprio)[:, None], self.readout.expand(len(image), -1, -1)], 1)
+        x = torch.cat(
+            [tokens, self.proprio_proj(proprio)[:, None], self.readout.expand(len(image), -1, -1)], 1
+        )
         for block in self.trunk:
             x = block(x)
         r = self.trunk_norm(x)  # all trunk tokens condition the head (learns fast at toy scale)
@@ -128,7 +131,7 @@ class ToyVLA(nn.Module):
         tok = torch.cat([z, h["action_in"](x) + self.action_pos], dim=1)
         for block in h["blocks"]:
             tok = block(tok, c)
-        return h["final"](tok[:, -self.horizon:])
+        return h["final"](tok[:, -self.horizon :])
 
     def forward(self, image: torch.Tensor, proprio: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         z = self.condition(image, proprio)
@@ -205,7 +208,9 @@ class ToyTask:
         self.w1 = torch.randn(3 * 16 + PROPRIO, 64, generator=g) / math.sqrt(52)
         self.w2 = torch.randn(64, self.horizon * self.action_dim, generator=g) / 8.0
 
-    def batches(self, frames: int, batch_size: int = 32, seed: int = 0, noise: bool = True) -> list[dict[str, torch.Tensor]]:
+    def batches(
+        self, frames: int, batch_size: int = 32, seed: int = 0, noise: bool = True
+    ) -> list[dict[str, torch.Tensor]]:
         """Seeded batches with ``image``, ``proprio``, ``noise`` and target ``actions``."""
         g = torch.Generator().manual_seed(seed)
         out = []
@@ -242,7 +247,9 @@ def train_toy(model: nn.Module, task: ToyTask, steps: int = 300, lr: float = 3e-
     return float(loss.detach())
 
 
-def build_toy(kind: str = "vla", train_steps: int = 300, seed: int = 0) -> tuple[nn.Module, PolicyAdapter, ToyTask]:
+def build_toy(
+    kind: str = "vla", train_steps: int = 300, seed: int = 0
+) -> tuple[nn.Module, PolicyAdapter, ToyTask]:
     """A trained toy policy, its adapter and task (``kind``: ``vla`` or ``conv``)."""
     torch.manual_seed(seed)
     if kind == "vla":

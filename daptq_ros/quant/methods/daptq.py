@@ -62,7 +62,9 @@ def measure_sensitivity(ctx: QuantContext, layers: list[str], bits: list[int]) -
                 continue
             spec = ctx.layer_spec(n, b)
             spec.a_bits = 16
-            set_module(work, n, make_quant_module(orig, spec, quantize_weight(orig, spec, engine, hess.hessian(n))))
+            set_module(
+                work, n, make_quant_module(orig, spec, quantize_weight(orig, spec, engine, hess.hessian(n)))
+            )
             table[n][b] = ctx.drift_of(work)
         set_module(work, n, orig)
     return table
@@ -171,13 +173,19 @@ class DAPTQ:
     def _knapsack_plan(self, ctx: QuantContext) -> dict[str, LayerSpec]:
         o = ctx.options
         table = measure_sensitivity(ctx, ctx.targets, o.bits)
-        costs = {n: {b: layer_bits(ctx.layer_spec(n, b), ctx.shapes[n]) for b in table[n]} for n in ctx.targets}
-        fixed = sum(layer_bits(LayerSpec(w_bits=FLOAT_BITS), s) for n, s in ctx.shapes.items() if n not in table)
+        costs = {
+            n: {b: layer_bits(ctx.layer_spec(n, b), ctx.shapes[n]) for b in table[n]} for n in ctx.targets
+        }
+        fixed = sum(
+            layer_bits(LayerSpec(w_bits=FLOAT_BITS), s) for n, s in ctx.shapes.items() if n not in table
+        )
         capacity = ctx.recipe.budget * sum(o_ * i for o_, i in ctx.shapes.values()) - fixed
         lowest = fixed + sum(min(c.values()) for c in costs.values())
         if lowest > ctx.recipe.budget * sum(o_ * i for o_, i in ctx.shapes.values()) + 1e-6:
-            raise BudgetError(f"budget {ctx.recipe.budget} is unmeetable: the lowest map needs "
-                              f"{lowest / sum(o_ * i for o_, i in ctx.shapes.values()):.3f} average bits")
+            raise BudgetError(
+                f"budget {ctx.recipe.budget} is unmeetable: the lowest map needs "
+                f"{lowest / sum(o_ * i for o_, i in ctx.shapes.values()):.3f} average bits"
+            )
         bits = knapsack(costs, table, capacity, o.resolution)
         low = min(b for b in o.bits)
         ctx.sensitivity.update({n: table[n].get(4, table[n].get(low, 0.0)) for n in ctx.targets})

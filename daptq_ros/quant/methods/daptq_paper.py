@@ -108,7 +108,7 @@ class DAPTQPaper:
         ranked = head_layers if o.scope == "action_head" else list(ctx.targets)
         pattern = re.compile(o.block_pattern)
         idx = {n: int(m.group(1)) for n in head_layers if (m := pattern.search(n))}
-        last = sorted(set(idx.values()))[-o.keep_last_blocks:] if o.keep_last_blocks and idx else []
+        last = sorted(set(idx.values()))[-o.keep_last_blocks :] if o.keep_last_blocks and idx else []
         protected = {n for n, i in idx.items() if i in last}
         scores, source = layer_scores(ctx, list(ctx.targets), o.low_bits)
         ctx.sensitivity.update(scores)
@@ -117,7 +117,9 @@ class DAPTQPaper:
         floats = protected | set(candidates[:n_float])
         plan = {n: ctx.layer_spec(n, FLOAT_BITS if n in floats else o.low_bits) for n in ctx.targets}
         quantize_layers(ctx.model, ctx.adapter, ctx.batches, plan, ctx.engine, desc="daptq_paper")
-        ctx.extras.update({"score_source": source, "float_layers": sorted(floats), "protected": sorted(protected)})
+        ctx.extras.update(
+            {"score_source": source, "float_layers": sorted(floats), "protected": sorted(protected)}
+        )
         if o.csrc:
             copts = CSRCOptions(g_min=o.g_min, g_max=o.g_max, rank=o.csrc_rank, shrink=o.csrc_shrink)
             ctx.extras["csrc"] = {

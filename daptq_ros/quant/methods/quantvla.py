@@ -54,8 +54,14 @@ def scale_rows(module: nn.Module, factors: torch.Tensor) -> None:
 
 def _collect(model: nn.Module, ctx: QuantContext, names: list[str]) -> dict[str, list[torch.Tensor]]:
     outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    capture(model, ctx.adapter, ctx.sweep_batches, names, lambda *a: None,
-            on_output=lambda n, m, y: outs[n].append(y))
+    capture(
+        model,
+        ctx.adapter,
+        ctx.sweep_batches,
+        names,
+        lambda *a: None,
+        on_output=lambda n, m, y: outs[n].append(y),
+    )
     return outs
 
 
@@ -104,12 +110,16 @@ class QuantVLA:
 
         def __post_init__(self) -> None:
             if not 0 < self.alpha_min <= 1.0 <= self.alpha_max:
-                raise ValueError(f"need 0 < alpha_min <= 1 <= alpha_max, got {self.alpha_min}, {self.alpha_max}")
+                raise ValueError(
+                    f"need 0 < alpha_min <= 1 <= alpha_max, got {self.alpha_min}, {self.alpha_max}"
+                )
 
     def apply(self, ctx: QuantContext) -> dict[str, LayerSpec]:
         opts = ctx.options
         head = ctx.adapter.action_head_prefix
-        attn = {n: h for n, h in ctx.adapter.attention_modules(ctx.model).items() if head and n.startswith(head)}
+        attn = {
+            n: h for n, h in ctx.adapter.attention_modules(ctx.model).items() if head and n.startswith(head)
+        }
         keep: set[str] = set()
         if opts.keep_vision:
             keep |= {n for n in ctx.targets if ctx.is_conv(n)}

@@ -33,7 +33,9 @@ from daptq_ros.quant.registry import register_method
 logger = logging.getLogger(__name__)
 
 
-def channel_proxy(w: torch.Tensor, H: torch.Tensor, bits: list[int], ctx: QuantContext) -> dict[int, torch.Tensor]:
+def channel_proxy(
+    w: torch.Tensor, H: torch.Tensor, bits: list[int], ctx: QuantContext
+) -> dict[int, torch.Tensor]:
     """Per-row Hessian-weighted error of quantizing ``w`` at each of ``bits`` (0 = pruned)."""
     H = H.double().clone()
     dead = torch.diag(H) == 0
@@ -42,8 +44,11 @@ def channel_proxy(w: torch.Tensor, H: torch.Tensor, bits: list[int], ctx: QuantC
     d = torch.diag(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True))
     out = {}
     for b in bits:
-        wq = torch.zeros_like(w) if b == 0 else rtn_quantize(
-            w, b, 0, ctx.recipe.symmetric, clip=ctx.recipe.w_clip).dequantize()
+        wq = (
+            torch.zeros_like(w)
+            if b == 0
+            else rtn_quantize(w, b, 0, ctx.recipe.symmetric, clip=ctx.recipe.w_clip).dequantize()
+        )
         out[b] = (((w - wq).double() ** 2) / d[None, :] ** 2).sum(1)
     return out
 
@@ -75,10 +80,16 @@ class QVLA:
     def apply(self, ctx: QuantContext) -> dict[str, LayerSpec]:
         opts = ctx.options
         if ctx.recipe.budget is None:
-            raise BudgetError("qvla allocates bits under a budget: set recipe.budget (average bits per weight)")
+            raise BudgetError(
+                "qvla allocates bits under a budget: set recipe.budget (average bits per weight)"
+            )
         head = ctx.adapter.action_head_prefix
         iface = set(ctx.adapter.interface_layers(ctx.model)) if opts.keep_interface else set()
-        layers = [n for n in ctx.targets if n not in iface and not (opts.keep_action_head and head and n.startswith(head))]
+        layers = [
+            n
+            for n in ctx.targets
+            if n not in iface and not (opts.keep_action_head and head and n.startswith(head))
+        ]
         hess = HessianCollector()
         capture(ctx.fp_model, ctx.adapter, ctx.sweep_batches, layers, hess, desc="qvla Hessians")
         levels = opts.bits
@@ -97,7 +108,9 @@ class QVLA:
 
         total_params = sum(o * i for o, i in ctx.shapes.values())
         target = ctx.recipe.budget * total_params
-        current = sum(cost(n, bits[n]) for n in layers) + sum(layer_bits(s, ctx.shapes[n]) for n, s in fixed.items())
+        current = sum(cost(n, bits[n]) for n in layers) + sum(
+            layer_bits(s, ctx.shapes[n]) for n, s in fixed.items()
+        )
         heap: list[tuple[float, int, str, int]] = []
         tie = 0
         for n in layers:  # layer-level 16 -> 8 units
@@ -127,8 +140,10 @@ class QVLA:
                 f"qvla cannot meet budget {ctx.recipe.budget}: {current / total_params:.3f} bits with every "
                 f"channel at its lowest level (float layers: {len(fixed)})"
             )
-        plan = {n: (ctx.layer_spec(n, FLOAT_BITS) if bits[n][0] == FLOAT_BITS else self._spec(ctx, n, bits[n]))
-                for n in layers}
+        plan = {
+            n: (ctx.layer_spec(n, FLOAT_BITS) if bits[n][0] == FLOAT_BITS else self._spec(ctx, n, bits[n]))
+            for n in layers
+        }
         quantize_layers(ctx.model, ctx.adapter, ctx.batches, plan, ctx.engine, desc="qvla")
         flat = [b for n in layers if bits[n][0] != FLOAT_BITS for b in bits[n]]
         ctx.extras["channel_histogram"] = {str(b): flat.count(b) for b in sorted(set(flat))}

@@ -50,7 +50,11 @@ class SmoothQuant:
         for stage in trace.stages:
             producer = trace.producer_of.get(stage[0])
             mod = get_module(ctx.model, producer) if producer else None
-            if isinstance(mod, nn.LayerNorm) and mod.elementwise_affine and set(trace.consumers[producer]) == set(stage):
+            if (
+                isinstance(mod, nn.LayerNorm)
+                and mod.elementwise_affine
+                and set(trace.consumers[producer]) == set(stage)
+            ):
                 smoothable.append((producer, stage))
         amax: dict[str, torch.Tensor] = {}
 
@@ -58,21 +62,33 @@ class SmoothQuant:
             cur = x.reshape(-1, x.shape[-1]).abs().amax(0)
             amax[name] = torch.maximum(amax[name], cur) if name in amax else cur
 
-        capture(ctx.fp_model, ctx.adapter, ctx.batches, [s[0] for _, s in smoothable], observe, desc="smoothquant ranges")
+        capture(
+            ctx.fp_model,
+            ctx.adapter,
+            ctx.batches,
+            [s[0] for _, s in smoothable],
+            observe,
+            desc="smoothquant ranges",
+        )
         alpha = ctx.options.alpha
         scales = {}
         with torch.no_grad():
             for producer, stage in smoothable:
                 wmax = torch.stack([get_module(ctx.model, n).weight.abs().amax(0) for n in stage]).amax(0)
-                s = (amax[stage[0]].clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+                s = (
+                    amax[stage[0]].clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)
+                ).clamp_min(1e-5)
                 ln = get_module(ctx.model, producer)
                 ln.weight.div_(s)
                 ln.bias.div_(s)
                 for n in stage:
                     get_module(ctx.model, n).weight.mul_(s[None, :])
                 scales[producer] = float(s.max() / s.min())
-        logger.info("smoothquant: smoothed %d stages, %d stages without a LayerNorm producer",
-                    len(smoothable), len(trace.stages) - len(smoothable))
+        logger.info(
+            "smoothquant: smoothed %d stages, %d stages without a LayerNorm producer",
+            len(smoothable),
+            len(trace.stages) - len(smoothable),
+        )
         ctx.extras["smoothed"] = {p: stage for p, stage in smoothable}
         ctx.extras["smoothing_dynamic_range"] = scales
         return run_uniform(ctx)
