@@ -139,3 +139,21 @@ def test_expert_errors():
     expert.reset(canonical_instruction("push-v3"), 0)
     with pytest.raises(ValueError, match=r"Observation\.state"):
         expert.act(obs)
+
+
+def test_importing_triton_after_rendering_does_not_crash():
+    """Regression: triton's LLVM clashes with Mesa llvmpipe once a GL context exists (SIGSEGV)."""
+    pytest.importorskip("triton")
+    code = (
+        "from daptq_ros.sim.env import MetaWorldEnv\n"
+        "with MetaWorldEnv('reach-v3', image_size=32) as env:\n"
+        "    env.reset(0)\n"
+        "    import triton  # noqa\n"
+        "    env.step([0, 0, 0, 0])\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

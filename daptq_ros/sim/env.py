@@ -22,7 +22,10 @@ first imported (Meta-World imports it too).
 from __future__ import annotations
 
 import atexit
+import importlib
+import importlib.util
 import logging
+import sys
 from typing import Any
 
 import mujoco  # MUJOCO_GL is defaulted by daptq_ros.sim/__init__.py, imported before this module
@@ -40,6 +43,30 @@ DEFAULT_CAMERA = "corner4"
 WRIST_CAMERA = "gripperPOV"
 STATE_DIM = 39
 ACTION_DIM = 4
+
+
+_LLVM_PRELOADED = False
+
+
+def _preload_llvm_users() -> None:
+    """Import ``triton`` (if installed) before the first software-GL context exists.
+
+    Mesa's llvmpipe (EGL/OSMesa on CPU) and triton's bundled LLVM clash: importing triton after a
+    GL context was created segfaults the process (measured: ``import triton`` after
+    ``MetaWorldEnv(...).reset()`` → SIGSEGV; the other order works). transformers imports triton
+    lazily (e.g. when a policy encodes an unseen instruction with MiniLM mid-evaluation), so it is
+    imported here once, up front (~0.3 s).
+    """
+    global _LLVM_PRELOADED
+    if _LLVM_PRELOADED:
+        return
+    _LLVM_PRELOADED = True
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    try:
+        importlib.import_module("triton")
+    except Exception as err:  # a broken triton install must not break the simulator
+        logger.debug("could not pre-import triton (%s); continuing", err)
 
 
 def _camera_names(model: mujoco.MjModel) -> list[str]:
@@ -84,6 +111,7 @@ class MetaWorldEnv:
                     raise ValueError(f"unknown camera {name!r} for {task}; available: {', '.join(cams)}")
             self.camera = camera
             self.wrist_camera = wrist_camera
+            _preload_llvm_users()
             # Render settings must be changed before the renderer allocates its buffers.
             model.vis.quality.shadowsize = 0
             model.vis.quality.offsamples = 0
