@@ -62,11 +62,13 @@ class TrainRun:
         eval_episodes: episodes per task in each closed-loop evaluation.
         eval_workers: evaluation worker processes (None: min(16, CPU count)).
         eval_seed: first layout seed of the selection evaluations.
+        eval_tasks: tasks evaluated (``"all"`` or comma-separated MT10 names).
         log_json: optional path of the JSON training log.
         command: the command line, stored in the checkpoint metadata.
         init: optional checkpoint to warm-start from (its config and norm stats are used).
         time_limit_s: stop the optimization loop after this many seconds (then validate/save).
-        compile: ``torch.compile`` the training loss (CUDA only; costs start-up time).
+        compile: ``torch.compile`` the training loss with CUDA graphs; None = on CUDA only
+            (about 3x faster steps on an H100, ~35 s of start-up).
     """
 
     demos: Path
@@ -78,11 +80,12 @@ class TrainRun:
     eval_episodes: int = 5
     eval_workers: int | None = None
     eval_seed: int = SELECTION_SEED_START
+    eval_tasks: str = "all"
     log_json: Path | None = None
     command: str = ""
     init: Path | None = None
     time_limit_s: float | None = None
-    compile: bool = False
+    compile: bool | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -200,6 +203,7 @@ def _closed_loop_eval(
     """Success rate of ``model`` on held-out layouts via ``daptq_ros.sim.evaluate``; None if unavailable."""
     try:
         from daptq_ros.sim.evaluate import EvalConfig, evaluate
+        from daptq_ros.sim.tasks import parse_tasks
     except ImportError as err:
         logger.warning("closed-loop evaluation unavailable (%s); selecting by validation loss", err)
         return None
@@ -208,9 +212,13 @@ def _closed_loop_eval(
         ckpt = save_checkpoint(Path(tmp) / "policy.safetensors", model, norm)
         cache.save(Path(tmp) / INSTRUCTIONS_FILE)
         try:
-            result = evaluate(
-                str(ckpt), config=EvalConfig(episodes=run.eval_episodes, seed=run.eval_seed, workers=workers)
+            config = EvalConfig(
+                tasks=tuple(parse_tasks(run.eval_tasks)),
+                episodes=run.eval_episodes,
+                seed=run.eval_seed,
+                workers=workers,
             )
+            result = evaluate(str(ckpt), config=config)
         except Exception as err:  # simulator missing / broken: training must go on
             logger.warning(
                 "closed-loop evaluation failed (%s: %s); selecting by validation loss",
@@ -233,6 +241,13 @@ def train(run: TrainRun, model_config: VLAConfig, train_config: TrainConfig) -> 
     """
     device = resolve_device(run.device)
     tc = train_config
+    if run.eval_every > 0:
+        try:
+            from daptq_ros.sim.tasks import parse_tasks
+        except ImportError:
+            pass  # reported (and evaluation skipped) at the first evaluation
+        else:
+            parse_tasks(run.eval_tasks)  # fail fast on a bad task list, not after training
     torch.manual_seed(run.seed)
     np.random.seed(run.seed)
     cache = InstructionCache.load(run.instructions)
@@ -271,8 +286,11 @@ def train(run: TrainRun, model_config: VLAConfig, train_config: TrainConfig) -> 
         opt, lambda s: lr_factor(s, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
     )
     loss_fn = model.loss
-    if run.compile and device.type == "cuda":
-        loss_fn = torch.compile(model.loss)
+    compile_loss = device.type == "cuda" if run.compile is None else run.compile
+    if compile_loss:
+        # CUDA graphs (reduce-overhead): the small model is launch-bound in eager mode. Measured on
+        # an H100 at batch 256: eager 39 ms/step, compiled 13 ms/step after ~35 s of compilation.
+        loss_fn = torch.compile(model.loss, mode="reduce-overhead" if device.type == "cuda" else None)
     gen = torch.Generator(device=device).manual_seed(run.seed)
 
     def eval_model() -> ReferenceVLA:
@@ -286,6 +304,7 @@ def train(run: TrainRun, model_config: VLAConfig, train_config: TrainConfig) -> 
         "seed": run.seed,
         "git": git_revision(),
         "device": str(device),
+        "compiled": compile_loss,
         "torch": torch.__version__,
         "demos": str(run.demos),
         "train_config": to_dict(tc),

@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="first layout seed of training-time evaluations (default 150000)",
     )
+    parser.add_argument(
+        "--eval-tasks", default="all", help="tasks of training-time evaluations (all or t1,t2; default all)"
+    )
     parser.add_argument("--init", type=Path, default=None, help="warm-start from this checkpoint")
     parser.add_argument(
         "--time-limit",
@@ -98,7 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="stop optimizing after this many seconds, then validate and save",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the loss (CUDA)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the loss with CUDA graphs (default: on for CUDA, off for CPU)",
+    )
     parser.add_argument("--log-json", type=Path, default=None, help="write the training log (JSON) here")
 
 
@@ -138,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
             if Path(sys.argv[0]).name != "daptq"
             else ["daptq", *sys.argv[1:]]
         ),
+        eval_tasks=args.eval_tasks,
         init=args.init,
         time_limit_s=args.time_limit,
         compile=args.compile,
     )
     try:
         summary = train(train_run, model_cfg, train_cfg)
-    except (FileNotFoundError, CheckpointError, UnknownInstructionError, ConfigError) as err:
+    except (FileNotFoundError, CheckpointError, UnknownInstructionError, ValueError) as err:
         logger.error("%s", err)
         return 2
     best = summary["best"]
