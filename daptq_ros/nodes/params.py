@@ -72,10 +72,12 @@ POLICY_NODE_SPECS: tuple[ParamSpec, ...] = (
               0, 2**31 - 1),
     # ---- control loop
     ParamSpec("control_rate_hz", "float", 10.0, "control loop rate (Hz)", 0.1, 1000.0),
-    ParamSpec("trigger", "str", "timer", "run a control step on the timer or on each new image",
+    ParamSpec("trigger", "str", "timer",
+              "timer: step at control_rate_hz on the latest inputs; image: step on each new image "
+              "(+ joint_states) pair",
               choices=("timer", "image")),
-    ParamSpec("require_new_image", "bool", True,
-              "timer trigger: act only when an image arrived since the last command"),
+    ParamSpec("require_new_inputs", "bool", True,
+              "timer trigger: act only when a new image and new joint_states arrived since the last step"),
     ParamSpec("chunk_mode", "str", "execute", "chunk execution: execute k of H, or temporal ensembling",
               choices=("execute", "ensemble")),
     ParamSpec("execute_steps", "int", 4, "actions executed per predicted chunk (execute mode)", 1, 4096),
@@ -97,6 +99,9 @@ POLICY_NODE_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("default_instruction", "str", "",
               "instruction used until one arrives on ~/instruction (empty = publish nothing)"),
     ParamSpec("max_instruction_bytes", "int", 1024, "longer instructions are rejected", 1, 1 << 20),
+    ParamSpec("encode_unknown_instructions", "bool", True,
+              "encode instructions missing from the artifact's cache with MiniLM (in the background, "
+              "when installed); false = reject them"),
     # ---- outputs
     ParamSpec("output_mode", "str", "joint", "joint -> ~/joint_command, ee -> ~/ee_command",
               choices=("joint", "ee")),
@@ -165,7 +170,7 @@ class PolicyNodeParams:
     seed: int
     control_rate_hz: float
     trigger: str
-    require_new_image: bool
+    require_new_inputs: bool
     chunk_mode: str
     execute_steps: int
     ensemble_decay: float
@@ -177,6 +182,7 @@ class PolicyNodeParams:
     fault_action: str
     default_instruction: str
     max_instruction_bytes: int
+    encode_unknown_instructions: bool
     output_mode: str
     joint_msg_type: str
     ee_msg_type: str

@@ -17,6 +17,7 @@ crash the node, and never lead to a command.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,8 @@ class PolicyNode(LifecycleNode):
         self._proprio_received = 0.0
         self._seq = 0
         self._last_used_seq = 0
+        self._state_seq = 0
+        self._last_used_state_seq = 0
         self._last_command: np.ndarray | None = None
         self._stale = False
         self._loop = LatencyWindow()
@@ -85,6 +88,8 @@ class PolicyNode(LifecycleNode):
         self._pubs: dict[str, Any] = {}
         self._timer = None
         self._last_diag_counts: dict[str, int] = {}
+        self._encode_target: str | None = None
+        self._encoder_thread: threading.Thread | None = None
         period = self._values.get("diagnostics_period_s")
         period = period if isinstance(period, float) and 0.05 <= period <= 60 else 1.0
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -137,8 +142,8 @@ class PolicyNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         assert self.params is not None
         self._active = True
-        if self.params.trigger == "timer":
-            self._timer = self.create_timer(1.0 / self.params.control_rate_hz, self._tick)
+        # trigger=image: the timer only checks for stale input (steps run on image + state arrival)
+        self._timer = self.create_timer(1.0 / self.params.control_rate_hz, self._tick)
         self._log("info", "activated", trigger=self.params.trigger)
         return super().on_activate(state)
 
@@ -175,7 +180,7 @@ class PolicyNode(LifecycleNode):
         chunking = ChunkingConfig(mode=p.chunk_mode, execute_steps=p.execute_steps,
                                   ensemble_decay=p.ensemble_decay)
         policy = OnnxStepPolicy(str(art), providers=list(p.providers), chunking=chunking,
-                                threads=p.intra_op_threads)
+                                threads=p.intra_op_threads, allow_encode=p.encode_unknown_instructions)
         manifest = policy.manifest
         action_names = list(_mget(manifest, "action_names", []) or [])
         dim = len(action_names) or 4
@@ -248,7 +253,7 @@ class PolicyNode(LifecycleNode):
         self._seq += 1
         self._image = _Frame(rgb, msg.header.stamp, time.monotonic(), self._seq)
         if p.trigger == "image" and self._active:
-            self._tick()
+            self._tick("image")
 
     def _convert_image(self, msg: Image, p: PolicyNodeParams) -> np.ndarray:
         """Checked conversion to uint8 RGB; the policy resizes to the model input itself."""
@@ -284,7 +289,28 @@ class PolicyNode(LifecycleNode):
             self._log("warn", "bad_instruction", reason=str(err), count=self.counters.bad_instructions)
             return
         self._log("info", "instruction_received", text=text[:120])
-        self.controller.set_instruction(text)
+        if text in self.policy.instructions or not p.encode_unknown_instructions:
+            self.controller.set_instruction(text)  # unknown + no encoding: rejected at the boundary
+            return
+        # MiniLM encoding takes seconds (model load): never in the control loop
+        self._encode_target = text
+        if self._encoder_thread is None or not self._encoder_thread.is_alive():
+            self._encoder_thread = threading.Thread(target=self._encode_worker, daemon=True)
+            self._encoder_thread.start()
+
+    def _encode_worker(self) -> None:
+        while self._encode_target is not None:
+            text, self._encode_target = self._encode_target, None
+            t0 = time.monotonic()
+            try:
+                self.policy.instructions.lookup(text, allow_encode=True)  # cached in memory
+            except Exception as err:
+                self.counters.unknown_instructions += 1
+                self._log("error", "instruction_rejected", text=text[:120], reason=str(err)[:300])
+                continue
+            self._log("info", "instruction_encoded", text=text[:120], seconds=round(time.monotonic() - t0, 2))
+            if self._encode_target is None and self.controller is not None:
+                self.controller.set_instruction(text)
 
     def _on_joint_states(self, data: bytes) -> None:
         names = self.params.proprio_joint_names
@@ -306,18 +332,24 @@ class PolicyNode(LifecycleNode):
             self._log("warn", "bad_joint_states", reason=str(err), count=self.counters.bad_states)
             return
         self._proprio, self._proprio_received = proprio, time.monotonic()
+        self._state_seq += 1
+        if self.params.trigger == "image" and self._active:
+            self._tick("state")  # the image of this step may have been handled first
 
     # ------------------------------------------------------------------ control step
-    def _tick(self) -> None:
+    def _tick(self, source: str = "timer") -> None:
         if not self._active or self.controller is None:
             return
         try:
-            self._control_step()
+            self._control_step(source)
         except Exception as err:  # never let one bad step take the node (and the robot) down
             self.counters.inference_errors += 1
             self._log("error", "control_step_failed", reason=f"{type(err).__name__}: {err}")
 
-    def _control_step(self) -> None:
+    def _control_step(self, source: str) -> None:
+        """One control step. Acts on a *pair* of inputs: a new image and new joint_states since the
+        last step (trigger=image always, trigger=timer with require_new_inputs); in image mode the
+        timer only watches for stale input."""
         p = self.params
         t0 = time.monotonic()
         frame = self._image
@@ -333,16 +365,20 @@ class PolicyNode(LifecycleNode):
         if self._stale:
             self._log("info", "input_fresh")
             self._stale = False
-        if p.require_new_image and frame.seq == self._last_used_seq:
+        new_pair = frame.seq > self._last_used_seq and self._state_seq > self._last_used_state_seq
+        if p.trigger == "image" and (source == "timer" or not new_pair):
             return
-        self._last_used_seq = frame.seq
+        if p.require_new_inputs and not new_pair:
+            return
+        self._last_used_seq, self._last_used_state_seq = frame.seq, self._state_seq
         out = self.controller.step(Observation(image=frame.rgb, proprio=self._proprio))
         if out.status == "ok":
             self._publish(out.command, frame.stamp)
             if out.chunk is not None and "debug" in self._pubs:
                 self._publish_chunk(out.chunk)
         elif out.status == "no_instruction":
-            self._last_used_seq = frame.seq - 1  # keep the frame: act on it once an instruction lands
+            # keep the inputs: act on them once an instruction lands
+            self._last_used_seq, self._last_used_state_seq = frame.seq - 1, self._state_seq - 1
         elif out.status in ("nonfinite", "error"):
             self._log("error", "inference_fault", status=out.status, reason=out.detail)
             self._fault(frame.stamp)
