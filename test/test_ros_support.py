@@ -190,3 +190,22 @@ class Probe:
 def diag_values(msg) -> dict[str, str]:
     """Key/values of the first status of a DiagnosticArray."""
     return {kv.key: kv.value for kv in msg.status[0].values} if msg.status else {}
+
+
+class NanWhenLeftPolicy(TinyPolicy):
+    """TinyPolicy whose chunk is NaN when the normalized hand x is negative (sqrt of it)."""
+
+    def forward(self, image, lang_tokens, lang_mask, proprio):
+        return super().forward(image, lang_tokens, lang_mask, proprio) * torch.sqrt(proprio[:, :1, None])
+
+
+def build_nan_artifact(out_dir: Path) -> Path:
+    """A real artifact that returns NaN actions for hand_x < 0 (for the non-finite path)."""
+    from daptq_ros.export.onnx_export import export_policy
+
+    torch.set_num_threads(1)
+    example = {"image": torch.rand(1, 3, 128, 128), "lang_tokens": torch.randn(1, 16, 384),
+               "lang_mask": torch.ones(1, 16), "proprio": torch.rand(1, 4) + 0.1}
+    export_policy(NanWhenLeftPolicy().eval(), example, out_dir, norm=NORM,
+                  instructions_cache=instruction_features([INSTRUCTION]), prefer_dynamo=False)
+    return out_dir
