@@ -141,7 +141,14 @@ def test_torch_checkpoint_drift_against_itself_and_another_model(tmp_path):
     save_file(tensors, str(ckpt_b), metadata=meta)
     shutil.copy(tmp_path / "a" / "instructions.safetensors", tmp_path / "b" / "instructions.safetensors")
     cfg = EvalConfig(tasks=("reach-v3",), episodes=1, max_steps=8, image_size=32, workers=1)
-    same = evaluate(str(ckpt_b), str(ckpt_b), cfg)["tasks"]["reach-v3"]["drift"]
+    import torch
+
+    torch.set_num_threads(2)
+    try:
+        same = evaluate(str(ckpt_b), str(ckpt_b), cfg)["tasks"]["reach-v3"]["drift"]
+        assert torch.get_num_threads() == 2, "an in-process run must restore the caller's threads"
+    finally:
+        torch.set_num_threads(1)
     # Same weights, same probe noise, same per-episode generator seed: identical rollouts.
     assert same["open_loop"]["steps"] == 8 and max(same["open_loop"]["max_per_dof"]) == 0.0
     assert same["ee_final_distance"] == 0.0 and max(same["action_rms_diff_per_dof"]) == 0.0

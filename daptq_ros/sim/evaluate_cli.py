@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera", default="corner4", help="main camera name")
     parser.add_argument("--wrist-camera", default=None, help="optional wrist camera (e.g. gripperPOV)")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the open-loop probe noise")
+    parser.add_argument("--policy-threads", type=int, default=1,
+                        help="CPU inference threads per policy (0 = library default); 1 avoids "
+                        "oversubscribing the cores shared with rendering and other workers")
     parser.add_argument("--json", type=Path, default=None, help="write the full result object here")
     parser.add_argument("--trajectories", type=Path, default=None,
                         help="directory for per-episode trajectories (<task>/<task>_s<seed>.npz)")
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             tasks=tuple(parse_tasks(args.tasks)), episodes=args.episodes, seed=args.seed,
             max_steps=args.max_steps, image_size=args.image_size, camera=args.camera,
             wrist_camera=args.wrist_camera, workers=args.workers, noise_seed=args.noise_seed,
+            policy_threads=args.policy_threads or None,
         )
         result = evaluate(args.policy, args.reference, config, trajectories=args.trajectories)
     except (ValueError, FileNotFoundError) as err:
