@@ -1,0 +1,225 @@
+"""Triton kernels for small-M weight-only quantized matmuls (imported lazily by ``kernels.py``).
+
+All matmul kernels compute ``out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` for an
+``nn.Linear`` weight W (N, K) stored quantized (formats in :mod:`daptq_ros.gpu.packing`):
+
+- The grid is (N tiles, M tiles, K splits). Each program streams a BLOCK_N × (K / SPLIT_K) slab of
+  quantized weights exactly once, dequantizes it in registers and feeds the tensor cores; with
+  split-K (M = 1..16 gives too few N tiles to fill 132 SMs) the fp32 partials go to a workspace
+  that :func:`splitk_reduce_kernel` sums (deterministic, no atomics, no memset).
+- ``SWAP_AB`` computes the transposed tile ``acc[BLOCK_N, BLOCK_M] = W_tile · x_tileᵀ`` so that the
+  large weight dimension is the MMA's M (Hopper's wgmma needs M ≥ 64) and the few tokens are its N
+  (≥ 8): the standard small-M layout; the dequantized weights are then the register operand.
+- ``MODE`` picks the dequantization: 0 = integer → fp16 conversion, 1 = fp16 "magic number"
+  (OR the offset-binary integer into the mantissa of 1024.0 and subtract, no int→float conversion
+  instruction; exact for |q| ≤ 1023), 2 = integer → bf16 conversion. Modes 0/1 run the dot in fp16
+  (activations are converted bf16 → fp16, exact for |x| < 65504: the trunk's inputs are LayerNorm
+  / GELU outputs); mode 2 keeps bf16 operands. Accumulation is always fp32.
+- Group-wise int4 applies the scale once per K-block to the fp32 partial product
+  (``BLOCK_K`` divides the group size), not per weight element.
+- Integer bit manipulation is done in int32 (the hardware has no narrower ALU) with explicit
+  fp16 constants, so type promotion is the same in every Triton version.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_int4(b, MODE: tl.constexpr):
+    """uint8 bytes (two's-complement nibbles, low = even k) → (low, high) float tiles."""
+    v = b.to(tl.int32)
+    if MODE == 1:
+        u = v ^ 0x88  # offset binary: nibble = q + 8
+        lo_bits = ((u & 0xF) | 0x6400).to(tl.uint16)
+        hi_bits = (((u >> 4) & 0xF) | 0x6400).to(tl.uint16)
+        bias = tl.full([1, 1], 1032.0, tl.float16)  # 1024 + 8
+        lo = lo_bits.to(tl.float16, bitcast=True) - bias
+        hi = hi_bits.to(tl.float16, bitcast=True) - bias
+    elif MODE == 0:
+        lo = ((v << 28) >> 28).to(tl.float16)  # arithmetic shift sign-extends the nibble
+        hi = ((v << 24) >> 28).to(tl.float16)
+    else:
+        lo = ((v << 28) >> 28).to(tl.float32).to(tl.bfloat16)
+        hi = ((v << 24) >> 28).to(tl.float32).to(tl.bfloat16)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_int8(w, MODE: tl.constexpr):
+    """int8 tile → float tile of the integers (scales are applied to the fp32 accumulator)."""
+    if MODE == 1:
+        u = (w.to(tl.int32) + 128) | 0x6400  # offset binary in the mantissa of 1024.0
+        bias = tl.full([1, 1], 1152.0, tl.float16)  # 1024 + 128
+        out = u.to(tl.uint16).to(tl.float16, bitcast=True) - bias
+    elif MODE == 0:
+        out = w.to(tl.float16)
+    else:
+        out = w.to(tl.float32).to(tl.bfloat16)
+    return out
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
+                SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """Write an fp32 tile: to the split-K workspace (fp32, no bias) or to the output (+ bias)."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    if SPLIT_OUT:
+        base = out_ptr + pid_k * stride_os
+    else:
+        base = out_ptr
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc = acc + bias[:, None]
+            else:
+                acc = acc + bias[None, :]
+    if SWAP_AB:
+        ptrs = base + offs_m[None, :] * stride_om + offs_n[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
+    else:
+        ptrs = base + offs_m[:, None] * stride_om + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
+def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+                 M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_blocks_per_split,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_OUT: tl.constexpr, EVEN_N: tl.constexpr):
+    """W4A16: x (M, K) bf16 · packed int4 W (N, K/2) with bf16 group scales (K/GROUP, N)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Wrapped indices: out-of-range rows/columns load valid memory and are masked at the store,
+    # so the streaming loads need no masks.
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    ld_m = offs_m % M
+    kb0 = pid_k * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_j = kb0 * HALF + tl.arange(0, HALF)
+    offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + offs_j[None, :]
+    x_ptrs = x_ptr + ld_m[:, None] * stride_xm + offs_k[None, :]
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        b = tl.load(w_ptrs)
+        x = tl.load(x_ptrs)
+        s = tl.load(s_ptr + (kb * BLOCK_K // GROUP) * stride_sg + ld_n).to(tl.float32)
+        lo, hi = _dequant_int4(b, MODE)
+        # Interleave back to K order: element (n, 2j + t) is nibble t of byte j.
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        x = x.to(w.dtype)
+        if SWAP_AB:
+            acc += tl.dot(w, tl.trans(x)) * s[:, None]
+        else:
+            acc += tl.dot(x, tl.trans(w)) * s[None, :]
+        w_ptrs += HALF
+        x_ptrs += BLOCK_K
+    _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
+                SWAP_AB, HAS_BIAS, SPLIT_OUT)
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
+def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+                 M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_blocks_per_split,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_OUT: tl.constexpr, EVEN_N: tl.constexpr):
+    """W8A16: x (M, K) bf16 · int8 W (N, K) with fp32 per-output-channel scales (N,)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    ld_m = offs_m % M
+    kb0 = pid_k * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + ld_m[:, None] * stride_xm + offs_k[None, :]
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _kb in range(kb0, kb1):
+        w = _dequant_int8(tl.load(w_ptrs), MODE)
+        x = tl.load(x_ptrs).to(w.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    s = tl.load(s_ptr + ld_n).to(tl.float32)
+    if SWAP_AB:
+        acc = acc * s[:, None]
+    else:
+        acc = acc * s[None, :]
+    _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
+                SWAP_AB, HAS_BIAS, SPLIT_OUT)
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out (M, N) = sum over splits of the fp32 workspace (SPLIT, M, N) (+ bias), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rowquant_int8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Dynamic symmetric per-row int8: q = round(x / s), s = max|x| / 127; rows ≥ M are zero padding."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    kmask = offs < K
+    valid = (offs * 0 + row) < M  # as a tensor: padding rows load nothing
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=kmask & valid, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.maximum(amax / 127.0, 1e-12)
+    v = x / scale
+    q = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))  # round half away from zero
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=kmask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def intmm_epilogue_kernel(acc_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out (M, N) = int32 acc · sx[m] · sw[n] (+ bias[n]) in fp32, cast to out's dtype."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

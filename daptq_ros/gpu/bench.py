@@ -1,0 +1,435 @@
+"""GPU speed benchmark: bf16 vs quantized matmuls at batch 1, against the bandwidth floor.
+
+Run on the GPU machine (one command, ≤ 6 minutes on an H100, prints a markdown summary last)::
+
+    PYTHONPATH=. python3 -m daptq_ros.gpu.bench --json $OUT/gpu_bench.json
+
+What it does, in one process:
+
+1. Machine info and the two ceilings (device-to-device copy / streaming-read bandwidth, bf16
+   GEMM rate) — :func:`daptq_ros.gpu.timing.measure_ceilings`.
+2. For each model — ``trunk-302m`` (VLA-sized, random weights), ``policy-trunk`` (the reference
+   policy's trunk shapes), ``policy-e2e`` (the full reference VLA forward, when
+   ``daptq_ros.model`` imports), and ``trunk-1007m`` while time allows — and each variant of
+   :data:`daptq_ros.gpu.linear.VARIANTS` and token count M ∈ {1, 16, 64, 128}:
+   a correctness check on fresh random inputs against the variant's own float32 reference
+   (a variant outside the error band is marked invalid and not counted as a win), then
+   CUDA-graph latency (median of ≥ 200 replays, rotating 4 input sets) of the full forward and
+   of the model's Linears alone.
+3. Ratios bf16 / variant, variant / bandwidth floor (weight bytes / measured bandwidth), the
+   target check (≥ 1.6× over bf16, ≤ 2× the floor, on the VLA-sized trunk), a JSON file with
+   everything (and the tuner's choices), and a speed-up-vs-size plot beside it.
+
+``--smoke`` runs the same code on tiny shapes without a GPU (``TRITON_INTERPRET=1``; host timers,
+no graphs): a test of the orchestration, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from daptq_ros.gpu import kernels, report, timing
+from daptq_ros.gpu.linear import (
+    TRITON_VARIANTS,
+    VARIANTS,
+    QuantLinear,
+    linear_modules,
+    quantize_model,
+    reference_model,
+    weight_nbytes,
+)
+from daptq_ros.gpu.packing import relative_error
+from daptq_ros.gpu.trunk import TrunkConfig, build_trunk, policy_trunk_config, vla_trunk_config
+
+log = logging.getLogger("daptq_ros.gpu.bench")
+
+DEFAULT_MS = (1, 16, 64, 128)
+_N_ROTATE = 4
+
+
+@dataclass
+class Settings:
+    """Benchmark knobs (from the command line)."""
+
+    device: torch.device
+    ms: tuple[int, ...] = DEFAULT_MS
+    variants: tuple[str, ...] = VARIANTS
+    replays: int = 200
+    warmup: int = 20
+    rotate: int = _N_ROTATE
+    budget_s: float = 330.0
+    tune_budget_s: float = 150.0
+    include_1b: bool = True
+    smoke: bool = False
+    quick: bool = False
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+
+@dataclass
+class ModelSpec:
+    """One model to benchmark: how to build it and its inputs."""
+
+    name: str
+    kind: str  # "trunk" or "policy_e2e"
+    build: Callable[[], nn.Module]
+    make_input: Callable[[int, int], Any]  # (M, seed) -> forward input (bf16)
+    to_ref: Callable[[Any], Any]  # bf16 input -> float32 input for the reference
+    ms: tuple[int, ...]
+    params: int
+    linear_params: int
+    config: dict[str, Any]
+    min_left_s: float = 0.0  # skip the model when less time than this is left
+    prepare: Callable[[nn.Module], nn.Module] | None = None  # applied to every built / quantized model
+
+
+def _trunk_spec(cfg: TrunkConfig, settings: Settings, min_left_s: float = 0.0) -> ModelSpec:
+    dev = settings.device
+
+    def make_input(m: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        return torch.randn(1, m, cfg.d_model, device=dev, generator=gen).to(torch.bfloat16)
+
+    return ModelSpec(cfg.name, "trunk", lambda: build_trunk(cfg, dev), make_input, lambda x: x.float(),
+                     settings.ms, cfg.param_count(), cfg.linear_param_count(), cfg.to_dict(), min_left_s)
+
+
+def _policy_e2e_spec(settings: Settings) -> ModelSpec | None:
+    """The full reference VLA (random weights, bf16), or None when ``daptq_ros.model`` is unavailable."""
+    try:
+        from daptq_ros.model.config import VLAConfig
+        from daptq_ros.model.vla import ReferenceVLA
+    except Exception as exc:
+        log.warning("policy-e2e skipped: daptq_ros.model not importable (%s)", exc)
+        return None
+    tiny = {"d_model": 64, "heads": 2, "trunk_layers": 1, "head_layers": 1, "head_dim": 64, "image_size": 32,
+            "flow_steps": 2}
+    vc = VLAConfig(**tiny) if settings.smoke else VLAConfig()
+    dev = settings.device
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = ReferenceVLA(vc)
+        with torch.no_grad():  # random weights everywhere (the zero-initialized adaLN layers too)
+            for mod in model.modules():
+                if isinstance(mod, nn.Linear):
+                    mod.weight.normal_(0.0, 0.02)
+                    if mod.bias is not None:
+                        mod.bias.normal_(0.0, 0.02)
+        return model.to(dev, torch.bfloat16).eval()
+
+    probe = ReferenceVLA(vc)
+    params = sum(p.numel() for p in probe.parameters())
+    lin_params = sum(m.weight.numel() for m in probe.modules() if isinstance(m, nn.Linear))
+
+    def make_input(_m: int, seed: int) -> dict[str, torch.Tensor]:
+        inputs = probe.example_inputs(1, seed)
+        return {k: v.to(dev, torch.bfloat16) for k, v in inputs.items()}
+
+    n_tokens = vc.vision_tokens + vc.max_lang_tokens + 1 + vc.readout_tokens
+    cfg = {"VLAConfig": {k: getattr(vc, k) for k in ("d_model", "heads", "trunk_layers", "head_layers",
+                                                     "head_dim", "chunk_size", "flow_steps", "head")},
+           "params": params, "linear_params": lin_params, "trunk_tokens": n_tokens}
+    return ModelSpec("policy-e2e", "policy_e2e", build, make_input,
+                     lambda inp: {k: v.float() for k, v in inp.items()}, (n_tokens,), params, lin_params, cfg,
+                     prepare=_cast_linear_inputs)
+
+
+def _cast_linear_inputs(model: nn.Module) -> nn.Module:
+    """Cast each Linear's input to its compute dtype (pre-hooks, no-op when it already matches).
+
+    The reference VLA computes its flow-time embedding in float32 (``timestep_embedding``) and
+    feeds it to ``time_fc1``; in a bf16 model that Linear would reject the float32 input.
+    """
+
+    def hook(mod: nn.Module, args: tuple) -> tuple | None:
+        dtype = mod.weight.dtype if isinstance(mod, nn.Linear) else torch.bfloat16
+        x = args[0]
+        return (x.to(dtype), *args[1:]) if x.is_floating_point() and x.dtype != dtype else None
+
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, QuantLinear)) and not getattr(mod, "_daptq_cast_hook", False):
+            mod.register_forward_pre_hook(hook)
+            mod._daptq_cast_hook = True
+    return model
+
+
+def model_specs(settings: Settings) -> list[ModelSpec]:
+    """The models in run order (most important first; the 1B trunk last and only if time allows)."""
+    if settings.smoke:
+        tiny = TrunkConfig(name="smoke-trunk", d_model=64, n_layers=2, n_heads=2, ffn=256)
+        pol = TrunkConfig(name="smoke-policy-trunk", d_model=64, n_layers=1, n_heads=2, ffn=256,
+                          fused_qkv=False, bias=True)
+        specs = [_trunk_spec(tiny, settings), _trunk_spec(pol, settings)]
+    else:
+        specs = [_trunk_spec(vla_trunk_config(6), settings), _trunk_spec(policy_trunk_config(), settings)]
+    e2e = _policy_e2e_spec(settings)
+    if e2e is not None:
+        specs.append(e2e)
+    if settings.include_1b and not settings.smoke:
+        specs.append(_trunk_spec(vla_trunk_config(20), settings, min_left_s=100.0))
+    return specs
+
+
+def _call(model: nn.Module, inp: Any) -> torch.Tensor:
+    return model(**inp) if isinstance(inp, dict) else model(inp)
+
+
+def _linear_chain(model: nn.Module, m: int, dev: torch.device,
+                  seed: int) -> tuple[Callable[[Any], Any], list]:
+    """Step that runs every Linear of ``model`` once on (M, K) inputs; one input set per rotation."""
+    lins = linear_modules(model)
+    ks = sorted({lin.in_features for lin in lins})
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    sets = [{k: torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16) for k in ks}
+            for _ in range(_N_ROTATE)]
+
+    def step(xs: dict[int, torch.Tensor]) -> None:
+        for lin in lins:
+            lin(xs[lin.in_features])
+
+    return step, sets
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float) -> list[dict[str, Any]]:
+    """Benchmark every variant × M of one model; returns result rows (errors recorded, never raised)."""
+    dev = settings.device
+    rows: list[dict[str, Any]] = []
+    log.info("== %s (%.1fM params, %.0f s left)", spec.name, spec.params / 1e6, settings.left())
+    prep = spec.prepare or (lambda mdl: mdl)
+    base = prep(spec.build())
+    ref_orig = reference_model(base)
+    bf16_err: dict[int, float] = {}
+    for variant in settings.variants:
+        common = {"model": spec.name, "params": spec.params, "variant": variant}
+        if settings.left() < 15:
+            rows += [{**common, "M": m, "status": "skipped", "error": "time budget"} for m in spec.ms]
+            continue
+        unavailable = _unavailable_reason(variant, dev)
+        if unavailable:
+            rows += [{**common, "M": m, "status": "unavailable", "error": unavailable} for m in spec.ms]
+            continue
+        try:
+            model, qrep = quantize_model(base, variant)
+            model = prep(model)
+            ref = reference_model(model) if variant != "bf16" else ref_orig
+        except Exception as exc:
+            log.exception("%s/%s: build failed", spec.name, variant)
+            rows += [{**common, "M": m, "status": "error", "error": f"build: {type(exc).__name__}: {exc}"}
+                     for m in spec.ms]
+            continue
+        wbytes = weight_nbytes(model)
+        for m in spec.ms:
+            row = {**common, "M": m, "weight_bytes": wbytes, "quant": qrep.to_dict(),
+                   "floor_ms": report.bandwidth_floor_ms(wbytes, bw_gbs),
+                   "compute_floor_ms": report.compute_floor_ms(m, spec.linear_params, tflops)}
+            try:
+                _check(row, model, ref, ref_orig, spec, m, bf16_err)
+                _time(row, model, spec, m, settings)
+                row["status"] = "ok"
+            except Exception as exc:
+                log.exception("%s/%s/M=%d failed", spec.name, variant, m)
+                row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+            rows.append(row)
+            log.info("%s %s M=%s: %s trunk %s ms, linears %s ms, err %s", spec.name, variant, m,
+                     row.get("status"), _f(row.get("trunk_ms")), _f(row.get("linears_ms")),
+                     _f(row.get("rel_err_kernel"), ".1e"))
+        del model, ref
+        _free(dev)
+    del base, ref_orig
+    _free(dev)
+    return rows
+
+
+def _f(v: float | None, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _unavailable_reason(variant: str, dev: torch.device) -> str | None:
+    if variant in TRITON_VARIANTS and not kernels.triton_available():
+        return "triton not importable / no CUDA device"
+    if variant.startswith("torch_int4") and dev.type != "cuda":
+        return "torch._weight_int4pack_mm (tinygemm) is CUDA only"
+    return None
+
+
+def _check(row: dict[str, Any], model: nn.Module, ref: nn.Module, ref_orig: nn.Module, spec: ModelSpec,
+           m: int, bf16_err: dict[int, float]) -> None:
+    """Correctness on a fresh random input: vs the variant's own float32 reference (kernel error)
+    and vs the original float32 model (quantization error)."""
+    seed = 10_000 + 7 * m + len(bf16_err)
+    inp = spec.make_input(m, seed)
+    out = _call(model, inp)
+    ref_inp = spec.to_ref(inp)
+    err = relative_error(out, _call(ref, ref_inp))
+    row["rel_err_kernel"] = err
+    row["rel_err_quant"] = relative_error(out, _call(ref_orig, ref_inp))
+    if row["variant"] == "bf16":
+        bf16_err[m] = err
+    band = report.error_band(bf16_err.get(m))
+    row["err_band"] = band
+    row["valid"] = bool(err <= band)
+    if not row["valid"]:
+        log.warning("%s %s M=%d: rel err %.3e outside band %.1e -> invalid", row["model"], row["variant"], m,
+                    err, band)
+
+
+def _time(row: dict[str, Any], model: nn.Module, spec: ModelSpec, m: int, settings: Settings) -> None:
+    dev = settings.device
+    inputs = [spec.make_input(m, 100 + i) for i in range(settings.rotate)]
+    t = timing.time_graphs(lambda inp: _call(model, inp), inputs, dev, settings.replays, settings.warmup)
+    row.update(trunk_ms=t["median_ms"], trunk_p10_ms=t["p10_ms"], trunk_p90_ms=t["p90_ms"],
+               graphs=t["graphs"])
+    if spec.kind == "trunk":
+        step, sets = _linear_chain(model, m, dev, 200 + m)
+        t = timing.time_graphs(step, sets[: settings.rotate], dev, settings.replays, settings.warmup)
+        row.update(linears_ms=t["median_ms"], linears_p10_ms=t["p10_ms"], linears_p90_ms=t["p90_ms"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m daptq_ros.gpu.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True,
+                   help="where to write the results (plots go beside it)")
+    p.add_argument("--quick", action="store_true", help="fewer tuning configs, M ∈ {1, 16}, no 1B trunk")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1 (a test)")
+    p.add_argument("--ms", type=int, nargs="+", default=None, help=f"token counts (default {DEFAULT_MS})")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS, help="subset of variants")
+    p.add_argument("--replays", type=int, default=200, help="timed graph replays per measurement")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="overall time budget in s (models / variants are skipped past it)")
+    p.add_argument("--tune-budget-s", type=float, default=150.0, help="total autotuning time")
+    p.add_argument("--no-1b", action="store_true", help="skip the ~1B-parameter trunk")
+    return p.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    """Settings from parsed arguments (``--smoke`` and ``--quick`` shrink the run)."""
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise SystemExit("no CUDA device: run on the GPU machine, or use --smoke for a CPU test run")
+    ms = tuple(args.ms) if args.ms else ((1, 16) if args.quick or args.smoke else DEFAULT_MS)
+    variants = tuple(args.variants) if args.variants else VARIANTS
+    if "bf16" not in variants:
+        variants = ("bf16", *variants)
+    replays = min(args.replays, 5) if args.smoke else max(args.replays, 1)
+    return Settings(device=device, ms=ms, variants=variants, replays=replays, warmup=1 if args.smoke else 20,
+                    rotate=2 if args.smoke else _N_ROTATE, budget_s=args.budget_s,
+                    tune_budget_s=0.0 if args.smoke else args.tune_budget_s,
+                    include_1b=not (args.no_1b or args.quick or args.smoke), smoke=args.smoke,
+                    quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 0 when it completed (whatever the targets), 1 on a fatal error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = parse_args(argv)
+    settings = make_settings(args)
+    kernels.set_tuner(kernels.Autotuner(settings.tune_budget_s, quick=settings.quick or settings.smoke))
+    torch.manual_seed(0)
+    info = timing.machine_info(settings.device)
+    log.info("machine: %s", info)
+    ceilings = (timing.measure_ceilings(settings.device, copy_mib=64, gemm_n=256) if settings.smoke
+                else timing.measure_ceilings(settings.device))
+    rows: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    for spec in model_specs(settings):
+        models.append({"name": spec.name, "kind": spec.kind, **spec.config})
+        if settings.left() < max(30.0, spec.min_left_s):
+            log.warning("skipping %s: %.0f s left of the %.0f s budget", spec.name, settings.left(),
+                        settings.budget_s)
+            rows += [{"model": spec.name, "params": spec.params, "variant": v, "M": m, "status": "skipped",
+                      "error": "time budget"} for v in settings.variants for m in spec.ms]
+            continue
+        try:
+            rows += run_model(spec, settings, ceilings["bw_gbs"], ceilings["gemm_tflops"])
+        except Exception as exc:
+            log.exception("model %s failed", spec.name)
+            rows += [{"model": spec.name, "params": spec.params, "variant": v, "M": m, "status": "error",
+                      "error": f"{type(exc).__name__}: {exc}"} for v in settings.variants for m in spec.ms]
+            _free(settings.device)
+        _write(args.json, info, ceilings, settings, models, rows, partial=True)  # survive a later crash
+    summary = _write(args.json, info, ceilings, settings, models, rows, partial=False)
+    _print_summary(info, ceilings, rows, summary, args.json, settings)
+    return 0
+
+
+def _write(path: Path, info: dict, ceilings: dict, settings: Settings, models: list, rows: list,
+           partial: bool) -> list[dict[str, Any]]:
+    report.add_ratios(rows)
+    summary = report.target_summary(rows)
+    tuner = kernels.get_tuner()
+    doc = {
+        "benchmark": "daptq_ros.gpu.bench", "partial": partial, "elapsed_s": round(settings.elapsed(), 1),
+        "machine": info, "ceilings": ceilings,
+        "settings": {"ms": settings.ms, "variants": settings.variants, "replays": settings.replays,
+                     "warmup": settings.warmup, "rotate": settings.rotate, "budget_s": settings.budget_s,
+                     "tune_budget_s": settings.tune_budget_s, "quick": settings.quick,
+                     "smoke": settings.smoke},
+        "targets": {"speedup": report.TARGET_SPEEDUP, "x_floor": report.TARGET_X_FLOOR, "summary": summary},
+        "models": models, "rows": rows,
+        "tuning": {"spent_s": round(tuner.spent_s, 1),
+                   "records": [r.to_dict() for r in tuner.records.values()]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    return summary
+
+
+def _print_summary(info: dict, ceilings: dict, rows: list, summary: list, path: Path,
+                   settings: Settings) -> None:
+    plots = []
+    for m in sorted({r["M"] for r in rows if isinstance(r.get("M"), int)}):
+        p = report.write_plot(rows, path.with_name(f"{path.stem}_speedup_M{m}.png"), m)
+        if p:
+            plots.append(str(p))
+    machine = (f"{info.get('gpu') or 'CPU'} | driver/clocks {info.get('nvidia_smi', '–')} "
+               f"| torch {info['torch']} | triton {info.get('triton')} | CUDA {info.get('cuda_runtime')}")
+    lines = [
+        "", "## GPU benchmark: bf16 vs quantized matmuls at batch 1", "",
+        f"Machine: {machine}",
+        f"Ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, read {ceilings['read_gbs']:.0f} GB/s "
+        f"(floor uses {ceilings['bw_gbs']:.0f} GB/s), bf16 GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s",
+        f"Latency: median of {settings.replays} CUDA-graph replays rotating {settings.rotate} input sets; "
+        "'trunk' = full forward, 'lin' = the model's Linears alone; floor = weight bytes / bandwidth.",
+        "", report.markdown_table(rows), "",
+        f"### Targets (VLA-sized trunk, full forward): ≥{report.TARGET_SPEEDUP}× over bf16 and "
+        f"≤{report.TARGET_X_FLOOR}× the bandwidth floor", "",
+        report.targets_table(summary) if summary else "(no valid quantized VLA-sized result)", "",
+        f"JSON: {path}" + (f" | plots: {', '.join(plots)}" if plots else ""),
+        f"Elapsed: {settings.elapsed():.0f} s (tuning {kernels.get_tuner().spent_s:.0f} s)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Python entry points of the small-M quantized matmul kernels, with a bounded autotuner.
+
+Public functions (``x`` is (..., K) bfloat16; the result has x's leading shape and dtype):
+
+- :func:`w8a16_linear` — int8 per-channel weight-only (Triton).
+- :func:`w4a16_linear` — int4 group-wise weight-only (Triton).
+- :func:`w8a8_linear` — int8 weights *and* dynamic per-token int8 activations through
+  ``torch._int_mm`` (cuBLASLt), with Triton kernels for the activation quantization and the
+  scale epilogue (pure-torch fallback when Triton is unavailable).
+
+Triton is imported lazily, so ``import daptq_ros.gpu`` works without it; under
+``TRITON_INTERPRET=1`` the kernels run on the CPU (tests). The tuner (:class:`Autotuner`) picks a
+:class:`KernelConfig` per (kernel, M bucket, N, K, group): each candidate is compiled, checked
+against a float32 reference on random inputs (a wrong config is rejected and logged, never
+timed) and timed with ``triton.testing.do_bench`` (L2 flushed between runs). A global time budget
+bounds the whole tuning; once spent, new shapes take the first valid candidate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+
+import torch
+
+from daptq_ros.gpu.packing import Int4Weight, Int8Weight, quantize_rows_int8, reference_linear, relative_error
+
+log = logging.getLogger(__name__)
+
+# A config whose output differs from the float32 reference by more than this is rejected:
+# bf16 output rounding alone is ~2e-3 (METHOD.md: bf16 operands land between 1e-3 and 1e-2).
+TUNE_REL_ERR_MAX = 1e-2
+# torch._int_mm (cuBLASLt) needs more than 16 rows; we pad M up to a multiple of 8, at least 32.
+_INT_MM_MIN_M = 32
+
+
+def triton_available() -> bool:
+    """True when Triton imports and can run here (a CUDA device, or ``TRITON_INTERPRET=1``)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tk() -> ModuleType:
+    """The Triton kernel module (imports triton on first use)."""
+    return importlib.import_module("daptq_ros.gpu._triton_kernels")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one weight-only matmul.
+
+    Attributes:
+        block_m / block_n / block_k: tile sizes (tokens, output features, input features).
+        split_k: K splits (> 1 adds a workspace and a reduction launch).
+        swap_ab: compute the transposed tile (weights as the MMA's M dimension).
+        mode: dequantization (0 int→fp16, 1 fp16 magic number, 2 int→bf16; see ``_triton_kernels``).
+        num_warps / num_stages: Triton launch options.
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    swap_ab: bool = True
+    mode: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def short(self) -> str:
+        """Compact string for logs and JSON."""
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}"
+                f"{'T' if self.swap_ab else 'N'}d{self.mode}w{self.num_warps}p{self.num_stages}")
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket of a token count: 16, 32, 64, 128 or 256 (the next power of two, at least 16)."""
+    if m < 1:
+        raise ValueError(f"M must be >= 1, got {m}")
+    return min(256, max(16, 1 << (m - 1).bit_length()))
+
+
+def default_split_k(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sm_count: int) -> int:
+    """Power-of-two split-K that brings the grid to about two programs per SM.
+
+    Each split keeps at least two K-blocks so the software pipeline has something to overlap.
+    """
+    tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
+    split = 1
+    while tiles * split * 2 <= 2 * sm_count and k_blocks // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: int = 132,
+                      quick: bool = False) -> list[KernelConfig]:
+    """Configs the tuner tries for one shape; the first is the default when tuning is off.
+
+    Args:
+        kind: ``"w8a16"`` or ``"w4a16"``.
+        m, n, k: tokens, output and input features.
+        group: int4 group size (``BLOCK_K`` must divide it); ignored for w8a16.
+        sm_count: multiprocessors (sets the split-K heuristic).
+        quick: a smaller set (fewer compiles).
+    """
+    if kind not in ("w8a16", "w4a16"):
+        raise ValueError(f"kind must be 'w8a16' or 'w4a16', got {kind!r}")
+    if kind == "w4a16":
+        block_ks = [bk for bk in (group, group // 2) if bk >= 32 and group % bk == 0]
+    else:
+        block_ks = [bk for bk in (128, 256, 64, 32) if k % bk == 0][:2]
+    if not block_ks:
+        raise ValueError(f"no BLOCK_K fits {kind} with K={k}, group={group}")
+    bucket = m_bucket(m)
+    block_ms = [min(bucket, 64), 128] if bucket >= 128 else [bucket]
+    block_ns = [128, 64] if n >= 1024 else [64, 128]
+    if quick:
+        block_ks, block_ns = block_ks[:1], block_ns[:1]
+    base: list[tuple[int, int, int, bool, int]] = [
+        (bm, bn, bk, True, 1) for bm in block_ms for bn in block_ns for bk in block_ks
+    ]
+    # Alternative dequantizations and the unswapped orientation, once each on the first tile.
+    bm0, bn0, bk0 = block_ms[0], block_ns[0], block_ks[0]
+    base += [(bm0, bn0, bk0, True, 0)]
+    if not quick:
+        base += [(bm0, bn0, bk0, True, 2)]
+        if bucket >= 64:
+            base += [(bm0, bn0, bk0, False, 1)]
+    out: list[KernelConfig] = []
+    for bm, bn, bk, swap, mode in base:
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        split = default_split_k(m, n, k // bk, bm, bn, sm_count)
+        splits = [split] if quick else sorted({max(1, split // 2), split, split * 2})
+        for s in splits:
+            if s > 1 and k // bk < 2 * s:
+                continue
+            out.append(KernelConfig(bm, bn, bk, s, swap, mode, warps, 4 if bm <= 64 else 3))
+    return out
+
+
+@dataclass
+class TuneRecord:
+    """What the tuner decided for one key (kept for the benchmark JSON)."""
+
+    key: str
+    config: KernelConfig
+    time_us: float | None
+    tried: int
+    rejected: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "config": asdict(self.config), "config_str": self.config.short(),
+                "time_us": self.time_us, "tried": self.tried, "rejected": self.rejected}
+
+
+class Autotuner:
+    """Per-shape config choice with correctness gating and a global time budget.
+
+    Args:
+        budget_s: total seconds all tuning may take (compiles included); 0 disables tuning.
+        quick: use the reduced candidate sets.
+    """
+
+    def __init__(self, budget_s: float = 150.0, quick: bool = False) -> None:
+        self.budget_s = budget_s
+        self.quick = quick
+        self.spent_s = 0.0
+        self.records: dict[str, TuneRecord] = {}
+
+    def remaining_s(self) -> float:
+        """Seconds of tuning budget left."""
+        return max(0.0, self.budget_s - self.spent_s)
+
+    def choose(self, key: str, candidates: list[KernelConfig], run: Callable[[KernelConfig], torch.Tensor],
+               reference: Callable[[], torch.Tensor]) -> KernelConfig:
+        """Return the cached config for ``key`` or tune one.
+
+        Args:
+            key: cache key (kernel, M bucket, N, K, group).
+            candidates: configs to try, default first.
+            run: launches the kernel with a config on the tuning inputs and returns its output.
+            reference: returns the float32-accurate expected output on the same inputs.
+        """
+        if key in self.records:
+            return self.records[key].config
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+        if capturing or not on_gpu or self.remaining_s() <= 0:
+            why = "capturing" if capturing else ("no GPU" if not on_gpu else "budget spent")
+            cfg = self._first_valid(key, candidates, run, reference, why)
+            return cfg
+        t0 = time.perf_counter()
+        ref = reference()
+        best: tuple[float, KernelConfig] | None = None
+        rejected: list[str] = []
+        tried = 0
+        for cfg in candidates:
+            if time.perf_counter() - t0 > self.remaining_s():
+                log.warning("tuning budget spent during %s after %d configs", key, tried)
+                break
+            tried += 1
+            try:
+                err = relative_error(run(cfg), ref)
+                if not err <= TUNE_REL_ERR_MAX:
+                    rejected.append(f"{cfg.short()}: rel err {err:.2e}")
+                    log.warning("%s: config %s rejected, rel err %.2e", key, cfg.short(), err)
+                    continue
+                t_ms = _bench_ms(lambda c=cfg: run(c))
+            except Exception as exc:
+                rejected.append(f"{cfg.short()}: {type(exc).__name__}: {str(exc)[:200]}")
+                log.warning("%s: config %s failed: %s", key, cfg.short(), exc)
+                continue
+            if best is None or t_ms < best[0]:
+                best = (t_ms, cfg)
+        self.spent_s += time.perf_counter() - t0
+        if best is None:
+            raise RuntimeError(f"no valid kernel config for {key}: {rejected}")
+        self.records[key] = TuneRecord(key, best[1], best[0] * 1e3, tried, rejected)
+        log.info("tuned %s -> %s (%.1f us, %d tried, %.0f s budget left)", key, best[1].short(),
+                 best[0] * 1e3, tried, self.remaining_s())
+        return best[1]
+
+    def _first_valid(self, key: str, candidates: list[KernelConfig],
+                     run: Callable[[KernelConfig], torch.Tensor], reference: Callable[[], torch.Tensor],
+                     why: str) -> KernelConfig:
+        if key in self.records:
+            return self.records[key].config
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if capturing:  # cannot check inside a graph capture: take the default untested
+            return candidates[0]
+        ref = reference()
+        rejected: list[str] = []
+        for cfg in candidates:
+            try:
+                err = relative_error(run(cfg), ref)
+            except Exception as exc:
+                rejected.append(f"{cfg.short()}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            if err <= TUNE_REL_ERR_MAX:
+                self.records[key] = TuneRecord(key, cfg, None, len(rejected) + 1, rejected)
+                log.info("%s: untuned (%s) -> %s", key, why, cfg.short())
+                return cfg
+            rejected.append(f"{cfg.short()}: rel err {err:.2e}")
+        raise RuntimeError(f"no valid kernel config for {key}: {rejected}")
+
+
+def _bench_ms(fn: Callable[[], object]) -> float:
+    """Median kernel time in ms via ``triton.testing.do_bench`` (events, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=3, rep=10, return_mode="median"))
+    except TypeError:  # older signature without return_mode
+        return float(do_bench(fn, warmup=3, rep=10, quantiles=[0.5])[0])
+
+
+_TUNER = Autotuner()
+
+
+def get_tuner() -> Autotuner:
+    """The process-wide tuner used by the linear wrappers."""
+    return _TUNER
+
+
+def set_tuner(tuner: Autotuner) -> None:
+    """Replace the process-wide tuner (e.g. with another budget)."""
+    global _TUNER
+    _TUNER = tuner
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter: the H100's count keeps the CPU configs like the GPU ones
+
+
+def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, weight expects {k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Weight,
+                       bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
+    """Run one weight-only matmul with an explicit config on 2-D ``x2`` (M, K); returns (M, N)."""
+    tk = _tk()
+    m, k = x2.shape
+    n = weight.shape[0]
+    if k % cfg.block_k:
+        raise ValueError(f"K={k} is not a multiple of BLOCK_K={cfg.block_k}")
+    k_blocks = k // cfg.block_k
+    split = max(1, min(cfg.split_k, k_blocks))
+    per_split = math.ceil(k_blocks / split)
+    split = math.ceil(k_blocks / per_split)
+    out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    target = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
+    bias_arg = bias if bias is not None else out
+    grid = (math.ceil(n / cfg.block_n), math.ceil(m / cfg.block_m), split)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=cfg.swap_ab,
+                  MODE=cfg.mode, HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, EVEN_N=n % cfg.block_n == 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if kind == "w4a16":
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"w4a16 needs an Int4Weight, got {type(weight).__name__}")
+        if weight.group_size % cfg.block_k:
+            raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={weight.group_size}")
+        tk.w4a16_kernel[grid](x2, weight.packed, weight.scales, bias_arg, target,
+                              m, n, k, x2.stride(0), weight.packed.stride(0), weight.scales.stride(0),
+                              n, m * n, per_split, GROUP=weight.group_size, **common)
+    else:
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"w8a16 needs an Int8Weight, got {type(weight).__name__}")
+        tk.w8a16_kernel[grid](x2, weight.q, weight.scales, bias_arg, target,
+                              m, n, k, x2.stride(0), weight.q.stride(0), n, m * n, per_split, **common)
+    if split > 1:
+        block = 1024
+        tk.splitk_reduce_kernel[(math.ceil(m * n / block),)](target, bias_arg, out, m * n, n, split,
+                                                             HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None,
+                 config: KernelConfig | None) -> torch.Tensor:
+    n, k = weight.shape
+    x2 = _check_x(x, k)
+    m = x2.shape[0]
+    if config is None:
+        group = weight.group_size if isinstance(weight, Int4Weight) else 0
+        key = f"{kind}|M{m_bucket(m)}|N{n}|K{k}|G{group}"
+        cands = candidate_configs(kind, m, n, k, group, _sm_count(x2.device), get_tuner().quick)
+        config = get_tuner().choose(
+            key, cands,
+            run=lambda c: launch_weight_only(kind, x2, weight, bias, c),
+            reference=lambda: reference_linear(x2, weight.dequantize(torch.float32), bias, torch.float32),
+        )
+    out = launch_weight_only(kind, x2, weight, bias, config)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def w8a16_linear(x: torch.Tensor, qweight: Int8Weight, bias: torch.Tensor | None = None,
+                 config: KernelConfig | None = None) -> torch.Tensor:
+    """``x @ (q * scales).T + bias`` with int8 per-channel weights, bf16 activations, fp32 accumulation.
+
+    Args:
+        x: activations (..., K), bf16 (fp16 also works).
+        qweight: :class:`Int8Weight` on x's device.
+        bias: optional (N,).
+        config: explicit launch config; ``None`` asks the tuner.
+    """
+    return _weight_only("w8a16", x, qweight, bias, config)
+
+
+def w4a16_linear(x: torch.Tensor, packed: Int4Weight, bias: torch.Tensor | None = None,
+                 config: KernelConfig | None = None) -> torch.Tensor:
+    """``x @ dequant(packed).T + bias`` with group-wise int4 weights, bf16 activations, fp32 accumulation.
+
+    Args:
+        x: activations (..., K), bf16.
+        packed: :class:`Int4Weight` (its ``group_size`` sets the scale groups) on x's device.
+        bias: optional (N,).
+        config: explicit launch config; ``None`` asks the tuner.
+    """
+    return _weight_only("w4a16", x, packed, bias, config)
+
+
+def prepare_int_mm_weight(weight: Int8Weight) -> torch.Tensor:
+    """The (K, N) column-major view ``torch._int_mm`` wants (row-major was 5× slower on the H100)."""
+    return weight.q.contiguous().t()
+
+
+def w8a8_linear(x: torch.Tensor, weight: Int8Weight, w_t: torch.Tensor, bias: torch.Tensor | None = None,
+                use_triton: bool = True) -> torch.Tensor:
+    """int8 × int8 → int32 matmul (``torch._int_mm``) with dynamic per-token activation scales.
+
+    Args:
+        x: activations (..., K), bf16.
+        weight: :class:`Int8Weight` (its per-channel scales are used in the epilogue).
+        w_t: :func:`prepare_int_mm_weight` of ``weight``.
+        bias: optional (N,).
+        use_triton: fuse the activation quantization and the epilogue into Triton kernels.
+    """
+    n, k = weight.shape
+    x2 = _check_x(x, k)
+    m = x2.shape[0]
+    mp = max(_INT_MM_MIN_M, (m + 7) // 8 * 8)
+    if use_triton:
+        tk = _tk()
+        xq = torch.empty((mp, k), device=x2.device, dtype=torch.int8)
+        sx = torch.empty((mp,), device=x2.device, dtype=torch.float32)
+        block_k = triton_next_pow2(k)
+        tk.rowquant_int8_kernel[(mp,)](x2, xq, sx, m, k, x2.stride(0), BLOCK_K=block_k,
+                                       num_warps=8 if block_k >= 4096 else 4)
+        acc = torch._int_mm(xq, w_t)
+        out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+        grid = (math.ceil(n / 64), math.ceil(m / 32))
+        tk.intmm_epilogue_kernel[grid](acc, sx, weight.scales, bias if bias is not None else out, out, m, n,
+                                       HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=64)
+    else:
+        xq, sx2 = quantize_rows_int8(x2)
+        if mp > m:
+            xq = torch.cat([xq, xq.new_zeros(mp - m, k)])
+        acc = torch._int_mm(xq, w_t)[:m]
+        out = acc.to(torch.float32) * sx2 * weight.scales[None, :]
+        if bias is not None:
+            out = out + bias.to(torch.float32)
+        out = out.to(x2.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def triton_next_pow2(n: int) -> int:
+    """Smallest power of two ≥ n (``triton.next_power_of_2`` without importing triton)."""
+    return 1 << max(0, (n - 1).bit_length())

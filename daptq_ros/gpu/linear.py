@@ -1,0 +1,308 @@
+"""Swappable Linear implementations for the GPU benchmark, and their float32 references.
+
+Variants (names used in the benchmark tables and JSON):
+
+=================  ==========================================================================
+``bf16``           plain ``nn.Linear`` in bfloat16 (cuBLAS) — the baseline.
+``w8a16``          int8 per-channel weights, Triton kernel (:func:`kernels.w8a16_linear`).
+``w4a16_g128``     int4 group-128 weights, Triton kernel (:func:`kernels.w4a16_linear`).
+``w4a16_g64``      int4 group-64 weights, Triton kernel.
+``torch_int4_g128`` int4 group-128 through torch's tinygemm ``_weight_int4pack_mm`` (CUDA only).
+``w8a8_intmm``     int8 weights and dynamic per-token int8 activations via ``torch._int_mm``.
+=================  ==========================================================================
+
+:func:`quantize_model` deep-copies a bf16 model and replaces every eligible ``nn.Linear``;
+layers whose shapes the kernels cannot take stay ``nn.Linear`` (listed in the returned report).
+:func:`reference_model` turns any of these models into a float32 model computing the same
+quantized function with plain torch ops (dequantized weights; fake-quantized activations for
+``w8a8_intmm``): the benchmark's correctness reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from daptq_ros.gpu import kernels
+from daptq_ros.gpu.packing import (
+    Int4Weight,
+    Int8Weight,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+    quantize_rows_int8,
+    to_torch_int4pack_layout,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("bf16", "w8a16", "w4a16_g128", "w4a16_g64", "torch_int4_g128", "w8a8_intmm")
+TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64")
+# Fallback group when K is not a multiple of the requested one (the policy's d_model = 192).
+_FALLBACK_GROUP = 64
+
+
+class QuantLinear(nn.Module):
+    """Base of the quantized Linears: shapes, bias and the bytes the weights occupy."""
+
+    variant = "base"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        bias = linear.bias.detach().to(torch.bfloat16).contiguous() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of integers + scales the forward streams."""
+        raise NotImplementedError
+
+    def reference_weight(self) -> torch.Tensor:
+        """The dequantized float32 weight (N, K) this layer computes with."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, variant={self.variant}"
+
+
+class W8A16Linear(QuantLinear):
+    """int8 per-channel weight-only Linear (Triton)."""
+
+    variant = "w8a16"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        q = quantize_int8_per_channel(linear.weight)
+        self.register_buffer("q", q.q)
+        self.register_buffer("scales", q.scales)
+
+    def qweight(self) -> Int8Weight:
+        return Int8Weight(self.q, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w8a16_linear(x, self.qweight(), self.bias)
+
+    def weight_nbytes(self) -> int:
+        return self.qweight().nbytes
+
+    def reference_weight(self) -> torch.Tensor:
+        return self.qweight().dequantize(torch.float32)
+
+
+class W4A16Linear(QuantLinear):
+    """int4 group-wise weight-only Linear (Triton)."""
+
+    variant = "w4a16"
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__(linear)
+        q = quantize_int4_groupwise(linear.weight, group_size)
+        self.group_size = group_size
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("scales", q.scales)
+
+    def qweight(self) -> Int4Weight:
+        return Int4Weight(self.packed, self.scales, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w4a16_linear(x, self.qweight(), self.bias)
+
+    def weight_nbytes(self) -> int:
+        return self.qweight().nbytes
+
+    def reference_weight(self) -> torch.Tensor:
+        return self.qweight().dequantize(torch.float32)
+
+
+class TorchInt4Linear(QuantLinear):
+    """int4 group-wise Linear through torch's CUDA tinygemm kernel (``_weight_int4pack_mm``)."""
+
+    variant = "torch_int4"
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__(linear)
+        q = quantize_int4_groupwise(linear.weight, group_size)
+        self.group_size = group_size
+        self._ref = q  # kept on the same device for the reference only (not counted in bytes)
+        k = self.in_features
+        inner_k_tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+        if inner_k_tiles is None:
+            raise ValueError(f"in_features={k} is not a multiple of 32 (tinygemm inner K tiles)")
+        packed_u8, scales_and_zeros = to_torch_int4pack_layout(q)
+        self.register_buffer("w_int4pack", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = torch._weight_int4pack_mm(x2.contiguous(), self.w_int4pack, self.group_size,
+                                      self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_nbytes(self) -> int:
+        return (self.w_int4pack.numel() * self.w_int4pack.element_size()
+                + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size())
+
+    def reference_weight(self) -> torch.Tensor:
+        return self._ref.dequantize(torch.float32)
+
+
+class W8A8Linear(QuantLinear):
+    """int8 weights × dynamic per-token int8 activations through ``torch._int_mm``."""
+
+    variant = "w8a8_intmm"
+
+    def __init__(self, linear: nn.Linear, use_triton: bool = True) -> None:
+        super().__init__(linear)
+        q = quantize_int8_per_channel(linear.weight)
+        self.use_triton = use_triton
+        self.register_buffer("q", q.q)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("w_t", kernels.prepare_int_mm_weight(q))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w8a8_linear(x, Int8Weight(self.q, self.scales), self.w_t, self.bias, self.use_triton)
+
+    def weight_nbytes(self) -> int:
+        return self.q.numel() + self.scales.numel() * 4
+
+    def reference_weight(self) -> torch.Tensor:
+        return Int8Weight(self.q, self.scales).dequantize(torch.float32)
+
+
+class FakeQuantActLinear(nn.Linear):
+    """float32 reference of :class:`W8A8Linear`: per-token int8 fake-quant of x, then a float Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s = quantize_rows_int8(x.reshape(-1, self.in_features))
+        xq = (q.to(torch.float32) * s).reshape(x.shape).to(x.dtype)
+        return super().forward(xq)
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did."""
+
+    variant: str
+    quantized: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)  # name -> reason
+    groups: dict[str, int] = field(default_factory=dict)  # int4 layers: name -> group used
+
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "n_quantized": len(self.quantized), "kept_float": self.kept_float,
+                "groups_used": sorted(set(self.groups.values()))}
+
+
+def _variant_group(variant: str) -> int:
+    return int(variant.rsplit("_g", 1)[1]) if "_g" in variant else 0
+
+
+def _ineligible(variant: str, n: int, k: int, group: int) -> str | None:
+    """Why a (N, K) Linear cannot take ``variant`` (None when it can)."""
+    if k % 32 or n % 16:
+        return f"shape ({n}, {k}) needs N % 16 == 0 and K % 32 == 0"
+    if group and k % group and k % _FALLBACK_GROUP:
+        return f"K={k} is not a multiple of group {group} or {_FALLBACK_GROUP}"
+    return None
+
+
+def make_quant_linear(linear: nn.Linear, variant: str, group: int) -> QuantLinear:
+    """Build the quantized replacement of one Linear (weights quantized on the Linear's device)."""
+    if variant == "w8a16":
+        return W8A16Linear(linear)
+    if variant.startswith("w4a16"):
+        return W4A16Linear(linear, group)
+    if variant.startswith("torch_int4"):
+        return TorchInt4Linear(linear, group)
+    if variant == "w8a8_intmm":
+        return W8A8Linear(linear, use_triton=kernels.triton_available())
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, variant: str) -> tuple[nn.Module, QuantReport]:
+    """Deep-copy ``model`` and replace its eligible ``nn.Linear`` layers by ``variant``.
+
+    Args:
+        model: a bf16 model (on its target device).
+        variant: one of :data:`VARIANTS` (``bf16`` returns ``model`` itself, not a copy).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    report = QuantReport(variant)
+    if variant == "bf16":
+        return model, report
+    new = copy.deepcopy(model)
+    requested = _variant_group(variant)
+    for name, module in list(new.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        n, k = module.out_features, module.in_features
+        reason = _ineligible(variant, n, k, requested)
+        if reason is not None:
+            report.kept_float[name] = reason
+            continue
+        group = requested if not requested or k % requested == 0 else _FALLBACK_GROUP
+        try:
+            replacement = make_quant_linear(module, variant, group)
+        except Exception as exc:
+            report.kept_float[name] = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: %s kept float: %s", variant, name, exc)
+            continue
+        _set_submodule(new, name, replacement)
+        report.quantized.append(name)
+        if group:
+            report.groups[name] = group
+    return new, report
+
+
+@torch.no_grad()
+def reference_model(model: nn.Module) -> nn.Module:
+    """float32 copy of ``model`` whose quantized Linears become float Linears of their dequantized weights."""
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    saved = {}
+    for name, m in quant.items():  # deepcopy without the (large) quantized buffers
+        saved[name] = m
+        _set_submodule(model, name, nn.Identity())
+    try:
+        ref = copy.deepcopy(model).to(torch.float32)
+    finally:
+        for name, m in saved.items():
+            _set_submodule(model, name, m)
+    for name, m in quant.items():
+        cls = FakeQuantActLinear if isinstance(m, W8A8Linear) else nn.Linear
+        w = m.reference_weight()
+        lin = cls(m.in_features, m.out_features, bias=m.bias is not None, device=w.device,
+                  dtype=torch.float32)
+        lin.weight.copy_(w)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias.to(torch.float32))
+        _set_submodule(ref, name, lin)
+    return ref
+
+
+def weight_nbytes(model: nn.Module) -> int:
+    """Bytes of all Linear weights (+ scales) as stored for the forward pass (biases excluded)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.weight_nbytes()
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def linear_modules(model: nn.Module) -> list[nn.Module]:
+    """All Linear-like modules (float or quantized) in forward-definition order."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
