@@ -155,11 +155,13 @@ def test_bad_inputs_never_command_and_are_reported(artifact, domain, tmp_path):
         assert stop(node) == 0
 
 
-@pytest.mark.parametrize("case", ["missing_artifact", "unknown_param"])
+@pytest.mark.parametrize("case", ["missing_artifact", "unknown_param", "out_of_range"])
 def test_config_errors_keep_node_up_and_report(artifact, domain, tmp_path, case):
     domain_id, env = domain
     if case == "missing_artifact":
         args, expect = ["-p", f"artifact_dir:={tmp_path / 'nope'}"], "artifact_dir"
+    elif case == "out_of_range":
+        args, expect = ["-p", f"artifact_dir:={artifact}", "-p", "control_rate_hz:=5000.0"], "control_rate_hz"
     else:
         params = tmp_path / "p.yaml"
         params.write_text(f"/**/policy_node:\n  ros__parameters:\n    artifact_dir: {artifact}\n"

@@ -229,6 +229,8 @@ def check_value(spec: ParamSpec, value: Any) -> Any:
         ParamError: naming ``spec.name``.
     """
     name, kind = spec.name, spec.kind
+    if type(value).__name__ == "InvalidOverride":  # refused by rclpy at declaration (ros_io)
+        raise ParamError(name, f"override rejected: {value}")
     if value is None:
         if spec.default is None:
             return None

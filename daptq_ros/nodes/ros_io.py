@@ -58,22 +58,24 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
 
 
 def declare_specs(node: Node, specs: Sequence[ParamSpec]) -> tuple[dict[str, Any], list[str]]:
-    """Declare every spec on ``node`` and read the values back.
+    """Declare every spec on ``node`` (descriptor with description, type and range, read-only)
+    and read the values back.
 
-    Range violations are *not* enforced by rclpy here (the validator reports them with the
-    parameter name instead of an exception at declaration), so descriptors carry ranges for
-    introspection only. Returns ``(values, unknown)``: ``unknown`` lists parameter overrides
-    given to this node (params file / ``-p``) that no spec declares.
+    An override that rclpy refuses (wrong type, outside the descriptor range) does not raise
+    here: the parameter is declared with its default and its value is replaced by an
+    :class:`InvalidOverride` carrying rclpy's message, which the validator reports by name.
+    Returns ``(values, unknown)``: ``unknown`` lists parameter overrides given to this node
+    (params file / ``-p``) that no spec declares.
     """
     values: dict[str, Any] = {}
     for spec in specs:
         desc = _descriptor(spec)
-        desc.integer_range, desc.floating_point_range = [], []  # validated by params.py
         default = _TYPES[spec.kind] if spec.default is None else spec.default
         try:
             node.declare_parameter(spec.name, default, desc)
-        except Exception as err:  # wrong type in the params file: rclpy refuses the override
-            values[spec.name] = _TypeMismatch(str(err))
+        except Exception as err:  # InvalidParameterTypeException / InvalidParameterValueException
+            node.declare_parameter(spec.name, default, desc, ignore_override=True)
+            values[spec.name] = InvalidOverride(f"{type(err).__name__}: {err}")
             continue
         try:
             values[spec.name] = node.get_parameter(spec.name).value
@@ -85,8 +87,8 @@ def declare_specs(node: Node, specs: Sequence[ParamSpec]) -> tuple[dict[str, Any
     return values, unknown
 
 
-class _TypeMismatch(str):
-    """Marker value for a parameter whose override rclpy refused (wrong type)."""
+class InvalidOverride(str):
+    """Marker value of a parameter whose override rclpy refused; the text says why."""
 
 
 def reliability(name: str) -> ReliabilityPolicy:
