@@ -17,10 +17,11 @@ are only checked for order. Every problem with the input surfaces as :class:`Bag
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,9 @@ COMMAND_TYPES = (
 
 
 EPISODE_ON_INSTRUCTION = ("message", "change", "never")
+
+
+_EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 
 
 class BagError(ValueError):
@@ -522,6 +526,24 @@ class BagFrames:
         return np.concatenate(parts) if parts else None
 
     def __iter__(self) -> Iterator[Frame]:
+        return self.iter_frames()
+
+    def episode_index(self) -> np.ndarray:
+        """Episode of every frame (N,), from a pass that does not convert images."""
+        episodes: list[int] = []
+        for _ in self.iter_frames(select=(), episodes_out=episodes):
+            pass
+        return np.asarray(episodes, dtype=np.int64)
+
+    def iter_frames(
+        self, select: Container[int] | None = None, episodes_out: list[int] | None = None
+    ) -> Iterator[Frame]:
+        """Frames in time order; with ``select`` only those frame indices (others are not converted).
+
+        Args:
+            select: frame indices to yield (None = all).
+            episodes_out: when given, the episode of every frame (selected or not) is appended.
+        """
         tp = self.topics
         self.skipped = {"no_instruction": 0, "no_joint_state": 0}
         episode, index, prev_k = -1, 0, -1
@@ -535,11 +557,6 @@ class BagFrames:
                     f"stamp {stamp} ns < previous {last_stamp} ns"
                 )
             last_stamp = max(last_stamp, stamp)
-            try:
-                data = msg.data if isinstance(msg.data, np.ndarray) else bytes(msg.data)
-                rgb = ros_image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, data, msg.is_bigendian)
-            except ImageConversionError as err:
-                raise BagError(f"bag {self.path}: image {n} on {tp.image} at t={t_ns} ns: {err}") from err
             k = bisect.bisect_right(self._instr_t, t_ns) - 1
             if k < 0:
                 self.skipped["no_instruction"] += 1
@@ -563,10 +580,19 @@ class BagFrames:
             ):
                 new_episode = True
             episode += int(new_episode)
-            frame = Frame(t_ns, rgb, instruction, proprio, self._command(t_ns), episode, index)
+            if episodes_out is not None:
+                episodes_out.append(episode)
+            frame = Frame(t_ns, _EMPTY_IMAGE, instruction, proprio, None, episode, index)
             index += 1
             prev, prev_k = frame, k
-            yield frame
+            if select is not None and frame.index not in select:
+                continue
+            try:
+                data = msg.data if isinstance(msg.data, np.ndarray) else bytes(msg.data)
+                rgb = ros_image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, data, msg.is_bigendian)
+            except ImageConversionError as err:
+                raise BagError(f"bag {self.path}: image {n} on {tp.image} at t={t_ns} ns: {err}") from err
+            yield dataclasses.replace(frame, image=rgb, command=self._command(t_ns))
         if index == 0:
             raise BagError(
                 f"bag {self.path} yields no frames: {self.n_images} images, "
