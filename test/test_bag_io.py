@@ -174,7 +174,7 @@ def test_missing_path_and_topics(tmp_path):
         BagFrames(tmp_path / "nope", topics())
     bag = write_episodes_bag(tmp_path / "bag", synthetic_episodes(1, 2), BagTopics(commands=[]))
     with pytest.raises(
-        BagError, match=r"lacks topic\(s\) /policy_node/joint_command; it has: .*/policy_node/image"
+        BagError, match=r"lacks topic\(s\) /joint_command; it has: .*/camera/image"
     ):
         BagFrames(bag, topics())
 
@@ -229,7 +229,7 @@ def test_empty_and_zero_length_bags(tmp_path):
 
     path = tmp_path / "nomsgs"
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
-        writer.add_connection("/policy_node/image", IMAGE_TYPE, typestore=typestore())
+        writer.add_connection("/camera/image", IMAGE_TYPE, typestore=typestore())
     with pytest.raises(BagError, match="contains no messages"):
         BagFrames(path, topics())
     bag = write_episodes_bag(tmp_path / "zero", synthetic_episodes(1, 2), topics())
@@ -252,7 +252,7 @@ def test_wrong_image_encoding(tmp_path):
     tp = BagTopics(commands=[])
     msgs = [*_frame_msgs(tp, 3, encoding="yuv422"), (tp.instruction, STRING_TYPE, T0 - MS, string_msg("go"))]
     with pytest.raises(
-        BagError, match=r"image 0 on /policy_node/image .*unsupported image encoding 'yuv422'"
+        BagError, match=r"image 0 on /camera/image .*unsupported image encoding 'yuv422'"
     ):
         list(BagFrames(_write(tmp_path / "bag", msgs), tp))
 
@@ -264,7 +264,7 @@ def test_out_of_order_timestamps(tmp_path):
         *_frame_msgs(tp, 3, img_stamp=lambda k: stamps[k]),
         (tp.instruction, STRING_TYPE, T0 - MS, string_msg("go")),
     ]
-    with pytest.raises(BagError, match="out-of-order timestamps on /policy_node/image: image 2"):
+    with pytest.raises(BagError, match="out-of-order timestamps on /camera/image: image 2"):
         list(BagFrames(_write(tmp_path / "bag", msgs), tp))
 
 

@@ -90,10 +90,10 @@ class BagTopics:
             between consecutive frames starts a new episode (a reset); None disables it.
     """
 
-    image: str = "/policy_node/image"
-    instruction: str = "/policy_node/instruction"
-    joint_states: str = "/policy_node/joint_states"
-    commands: list[str] = field(default_factory=lambda: ["/policy_node/joint_command"])
+    image: str = "/camera/image"
+    instruction: str = "/instruction"
+    joint_states: str = "/joint_states"
+    commands: list[str] = field(default_factory=lambda: ["/joint_command"])
     proprio_names: list[str] = field(default_factory=lambda: list(PROPRIO_NAMES))
     proprio_dim: int = 4
     max_sync_dt_s: float = 0.1
