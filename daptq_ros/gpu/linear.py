@@ -166,7 +166,16 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("w_t", kernels.prepare_int_mm_weight(q))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.w8a8_linear(x, Int8Weight(self.q, self.scales), self.w_t, self.bias, self.use_triton)
+        weight = Int8Weight(self.q, self.scales)
+        if self.use_triton:
+            try:
+                return kernels.w8a8_linear(x, weight, self.w_t, self.bias, use_triton=True)
+            except Exception as exc:  # keep the cuBLASLt path measurable without Triton
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                log.warning("W8A8 Triton quantize/epilogue failed (%s); using the torch ops", exc)
+                self.use_triton = False
+        return kernels.w8a8_linear(x, weight, self.w_t, self.bias, use_triton=False)
 
     def weight_nbytes(self) -> int:
         return self.q.numel() + self.scales.numel() * 4
@@ -287,13 +296,19 @@ def reference_model(model: nn.Module) -> nn.Module:
 
 
 def weight_nbytes(model: nn.Module) -> int:
-    """Bytes of all Linear weights (+ scales) as stored for the forward pass (biases excluded)."""
+    """Bytes a forward pass must read at least once: every parameter and buffer, as stored.
+
+    Quantized Linears count their integers, scales and biases; tensors sharing storage (the
+    column-major ``_int_mm`` view of the int8 weight) count once.
+    """
+    seen: set[int] = set()
     total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            total += m.weight_nbytes()
-        elif isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
     return total
 
 
