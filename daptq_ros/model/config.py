@@ -40,6 +40,11 @@ class VLAConfig:
         head_dim: width of the action head and of the conditioning tokens z.
         flow_steps: Euler integration steps of the flow head at inference.
         dropout: dropout in attention outputs and MLPs during training.
+        stem_refine: extra stride-1 3x3 convs (with residual) after each of the stem's last three
+            stride-2 convs; 0 = the plain 4-conv stem. Goal markers in Meta-World are 2-3 px,
+            so the stem needs some depth at 32/16/8 px resolution to localize them.
+        coord_channels: append normalized x/y coordinate channels to the image (CoordConv),
+            which helps convolutional BC policies regress positions.
     """
 
     version: int = CONFIG_VERSION
@@ -62,6 +67,9 @@ class VLAConfig:
     head_dim: int = 192
     flow_steps: int = 5
     dropout: float = 0.0
+    # vision stem
+    stem_refine: int = 0
+    coord_channels: bool = False
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
@@ -91,6 +99,8 @@ class VLAConfig:
             raise ValueError(f"head_dim={self.head_dim} must be divisible by heads={self.heads}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.stem_refine < 0:
+            raise ValueError(f"stem_refine must be >= 0, got {self.stem_refine}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -117,23 +117,45 @@ class Block(nn.Module):
 
 
 class VisionStem(nn.Module):
-    """Conv stem: (B,3,S,S) in [0,1] → (B,(S/16)², d) tokens with learned position embeddings."""
+    """Conv stem: (B,3,S,S) in [0,1] → (B,(S/16)², d) tokens with learned position embeddings.
+
+    Four stride-2 3x3 convs (``conv1..conv4``); with ``stem_refine > 0`` each of the last three
+    stages also gets ``stem_refine`` residual stride-1 convs (``refine{stage}_{i}``), and with
+    ``coord_channels`` two constant x/y coordinate planes are appended to the input.
+    """
 
     def __init__(self, config: VLAConfig) -> None:
         super().__init__()
         chans = (3, 32, 64, 128, config.d_model)
-        self.conv1 = nn.Conv2d(chans[0], chans[1], 3, stride=2, padding=1)
+        in_chans = chans[0] + (2 if config.coord_channels else 0)
+        self.coord_channels = config.coord_channels
+        self.stem_refine = config.stem_refine
+        self.conv1 = nn.Conv2d(in_chans, chans[1], 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(chans[1], chans[2], 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(chans[2], chans[3], 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(chans[3], chans[4], 3, stride=2, padding=1)
+        for stage, width in ((2, chans[2]), (3, chans[3]), (4, chans[4])):
+            for i in range(config.stem_refine):
+                self.add_module(f"refine{stage}_{i}", nn.Conv2d(width, width, 3, stride=1, padding=1))
+        if config.coord_channels:
+            lin = torch.linspace(-1.0, 1.0, config.image_size)
+            yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+            self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.vision_tokens, config.d_model))
+
+    def _refine(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        for i in range(self.stem_refine):
+            x = x + F.gelu(getattr(self, f"refine{stage}_{i}")(x), approximate="tanh")
+        return x
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = (image - 0.5) * 4.0  # [0,1] → roughly zero-mean, unit-scale input
+        if self.coord_channels:
+            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         x = F.gelu(self.conv1(x), approximate="tanh")
-        x = F.gelu(self.conv2(x), approximate="tanh")
-        x = F.gelu(self.conv3(x), approximate="tanh")
-        x = self.conv4(x)
+        x = self._refine(F.gelu(self.conv2(x), approximate="tanh"), 2)
+        x = self._refine(F.gelu(self.conv3(x), approximate="tanh"), 3)
+        x = self._refine(self.conv4(x), 4)
         return x.flatten(2).transpose(1, 2) + self.pos_emb
 
 
