@@ -44,6 +44,20 @@ def test_replay_identical_policies_have_zero_error(bag):
     np.testing.assert_allclose(result.reference_chunks[0], expect)
 
 
+def test_replay_at_replan_frames_equals_dense_replay(bag):
+    from daptq_ros.runtime.chunking import ChunkingConfig
+
+    kw = dict(chunking=ChunkingConfig(execute_steps=4), progress=False, parallel=False)
+    sparse = replay(BagFrames(bag, topics()), LinearStepPolicy(), LinearStepPolicy(scale=1.2), 4, **kw)
+    dense = replay(
+        BagFrames(bag, topics()), LinearStepPolicy(), LinearStepPolicy(scale=1.2), 4, every_frame=True, **kw
+    )
+    assert sparse.reference_chunks.shape[0] == 12 and dense.reference_chunks.shape[0] == 48  # 3 episodes x 16
+    np.testing.assert_allclose(sparse.candidate_actions, dense.candidate_actions)
+    np.testing.assert_allclose(sparse.reference_actions, dense.reference_actions)
+    assert np.abs(sparse.candidate_actions - sparse.reference_actions).max() > 1e-3
+
+
 def test_replay_perturbed_policy_differs_and_chunk_mismatch_is_rejected(bag):
     result = replay(
         BagFrames(bag, topics()),

@@ -127,6 +127,7 @@ def check_drift(
         config.replay.chunking,
         seed=config.replay.seed,
         max_frames=config.replay.max_frames,
+        every_frame=config.replay.every_frame,
         total=frames.n_images,
         progress=progress,
     )

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="replay at most N frames")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (overrides the config)")
     parser.add_argument(
+        "--every-frame",
+        action="store_true",
+        help="predict at every frame, not only at re-plan frames (denser horizon statistics, slower)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="ONNX Runtime threads per artifact (default 1)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the summary JSON here")
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             config.replay.max_frames = args.max_frames
         if args.seed is not None:
             config.replay.seed = args.seed
+        if args.every_frame:
+            config.replay.every_frame = True
         summary = check_drift(
             args.bag,
             args.reference,

@@ -118,11 +118,14 @@ class ReplayConfig:
         seed: base seed of the per-frame flow-head noise (identical for both artifacts).
         chunking: how chunks become executed actions (as on the robot; default 4 of 8, re-plan).
         max_frames: stop after this many frames (null = whole bag).
+        every_frame: predict a chunk at every frame, not only where the robot re-plans (denser
+            chunk/horizon statistics; ``execute_steps`` times slower in ``execute`` mode).
     """
 
     seed: int = 0
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     max_frames: int | None = None
+    every_frame: bool = False
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:

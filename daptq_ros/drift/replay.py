@@ -2,9 +2,9 @@
 
 Both policies see the same observation and the same flow-head noise per frame (drawn from
 ``default_rng([seed, frame.index])`` as :func:`daptq_ros.runtime.onnx_policy.draw_noise` does),
-so every difference comes from the policies themselves. Each frame yields a full chunk from
-both; the executed actions are then derived per episode with the robot's chunk-execution rule
-(:class:`~daptq_ros.runtime.chunking.ChunkExecutor`), independently for the two policies.
+so every difference comes from the policies themselves. Chunks are predicted where the robot
+would re-plan (or at every frame) and the executed actions follow the robot's chunk-execution
+rule (:class:`~daptq_ros.runtime.chunking.ChunkExecutor`), independently for the two policies.
 
 The two policies run concurrently in two threads (ONNX Runtime releases the GIL), which on a
 2-core machine nearly halves the replay time of per-frame (batch-1) artifacts.
@@ -41,7 +41,8 @@ class ReplayResult:
         episode: (N,) episode index per frame.
         instructions: instruction of each episode, by episode index.
         proprio: (N, P) recorded proprio.
-        reference_chunks / candidate_chunks: (N, H, A) raw predicted chunks.
+        reference_chunks / candidate_chunks: (M, H, A) raw chunks predicted at the queried frames
+            (re-plan frames, or every frame; see :func:`replay`).
         reference_actions / candidate_actions: (N, A) executed actions (chunking rule applied).
         recorded_commands: (N, C) recorded command vectors, or None when any frame lacks one.
         seconds: wall time of the replay loop.
@@ -109,10 +110,16 @@ def replay(
     seed: int = 0,
     max_frames: int | None = None,
     total: int | None = None,
+    every_frame: bool = False,
     parallel: bool = True,
     progress: bool = True,
 ) -> ReplayResult:
     """Replay ``frames`` open loop through both policies.
+
+    In ``execute`` chunking mode the policies are queried only where the robot would re-plan
+    (every ``execute_steps`` frames from each episode start), which is all the executed actions
+    depend on; ``every_frame`` queries every frame (denser chunk statistics, ``execute_steps``
+    times slower). ``ensemble`` mode always queries every frame.
 
     Args:
         frames: synchronized frames in time order (e.g. :class:`~daptq_ros.drift.bag_io.BagFrames`).
@@ -123,6 +130,7 @@ def replay(
         seed: base seed of the per-frame noise.
         max_frames: stop after this many frames.
         total: expected frame count (progress bar only).
+        every_frame: predict a chunk at every frame, not only at re-plan frames.
         parallel: run the two policies concurrently in two threads.
         progress: show a tqdm bar on stderr.
 
@@ -133,11 +141,15 @@ def replay(
     h = int(reference.chunk_size)
     if int(candidate.chunk_size) != h:
         raise ReplayError(f"chunk sizes differ: reference {h}, candidate {candidate.chunk_size}")
+    if chunking.mode == "execute" and chunking.execute_steps > h:
+        raise ReplayError(f"execute_steps={chunking.execute_steps} exceeds the chunk size {h}")
+    dense = every_frame or chunking.mode == "ensemble"
     shape = (h, int(action_dim))
-    t_ns, episode, proprio, cmds = [], [], [], []
+    t_ns, episode, segment, proprio, cmds, plan_of, offset = [], [], [], [], [], [], []
     ref_chunks, cand_chunks = [], []
     instructions: dict[int, str] = {}
     current: tuple[int, str] | None = None
+    step, seg_id = 0, -1
     limit = max_frames if max_frames is not None else total
     bar = tqdm(total=limit, desc="drift replay", unit="frame", disable=not progress, leave=False)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="candidate") if parallel else None
@@ -147,27 +159,35 @@ def replay(
             if max_frames is not None and len(t_ns) >= max_frames:
                 break
             key = (frame.episode, frame.instruction)
-            if key != current:
+            if key != current:  # a new episode or instruction: the robot resets its chunk queue
                 episode_seed = int(seed) * 100_003 + frame.episode
                 reference.reset(frame.instruction, episode_seed)
                 candidate.reset(frame.instruction, episode_seed)
                 instructions.setdefault(frame.episode, frame.instruction)
-                current = key
-            obs = Observation(image=frame.image, proprio=frame.proprio)
-            noise = frame_noise(seed, frame.index, *shape)
-            if pool is not None:
-                future = pool.submit(candidate.predict_chunk, obs, noise)
-                ref = reference.predict_chunk(obs, noise)
-                cand = future.result()
-            else:
-                ref = reference.predict_chunk(obs, noise)
-                cand = candidate.predict_chunk(obs, noise)
-            ref_chunks.append(_check_chunk("reference", ref, shape, frame.index))
-            cand_chunks.append(_check_chunk("candidate", cand, shape, frame.index))
+                current, step, seg_id = key, 0, seg_id + 1
+            boundary = chunking.mode == "ensemble" or step % chunking.execute_steps == 0
+            if dense or boundary:
+                obs = Observation(image=frame.image, proprio=frame.proprio)
+                noise = frame_noise(seed, frame.index, *shape)
+                if pool is not None:
+                    future = pool.submit(candidate.predict_chunk, obs, noise)
+                    ref = reference.predict_chunk(obs, noise)
+                    cand = future.result()
+                else:
+                    ref = reference.predict_chunk(obs, noise)
+                    cand = candidate.predict_chunk(obs, noise)
+                ref_chunks.append(_check_chunk("reference", ref, shape, frame.index))
+                cand_chunks.append(_check_chunk("candidate", cand, shape, frame.index))
+            if boundary:
+                last_plan = len(ref_chunks) - 1
+            plan_of.append(last_plan)
+            offset.append(0 if chunking.mode == "ensemble" else step % chunking.execute_steps)
+            segment.append(seg_id)
             t_ns.append(frame.t_ns)
             episode.append(frame.episode)
             proprio.append(frame.proprio)
             cmds.append(frame.command)
+            step += 1
             bar.update(1)
     finally:
         bar.close()
@@ -176,26 +196,34 @@ def replay(
     seconds = time.perf_counter() - start
     if not t_ns:
         raise ReplayError("no frame was replayed")
-    ep = np.asarray(episode, dtype=np.int64)
     ref_arr, cand_arr = np.stack(ref_chunks), np.stack(cand_chunks)
+    if chunking.mode == "ensemble":
+        seg = np.asarray(segment)
+        ref_exec = executed_actions(ref_arr, seg, chunking)
+        cand_exec = executed_actions(cand_arr, seg, chunking)
+    else:
+        plan, off = np.asarray(plan_of), np.asarray(offset)
+        ref_exec, cand_exec = ref_arr[plan, off], cand_arr[plan, off]
     have_cmds = all(c is not None for c in cmds) and len({c.shape for c in cmds}) == 1
+    ms = 1e3 * seconds / len(t_ns)
     logger.info(
-        "replayed %d frames (%d episodes) in %.1f s (%.1f ms/frame)",
+        "replayed %d frames (%d episodes, %d predictions per policy) in %.1f s (%.1f ms/frame)",
         len(t_ns),
         len(instructions),
+        len(ref_chunks),
         seconds,
-        1e3 * seconds / len(t_ns),
+        ms,
     )
     return ReplayResult(
         t_ns=np.asarray(t_ns, dtype=np.int64),
-        episode=ep,
+        episode=np.asarray(episode, dtype=np.int64),
         instructions=instructions,
         proprio=np.stack(proprio).astype(np.float32),
         reference_chunks=ref_arr,
         candidate_chunks=cand_arr,
-        reference_actions=executed_actions(ref_arr, ep, chunking),
-        candidate_actions=executed_actions(cand_arr, ep, chunking),
+        reference_actions=ref_exec.astype(np.float32),
+        candidate_actions=cand_exec.astype(np.float32),
         recorded_commands=np.stack(cmds).astype(np.float32) if have_cmds else None,
         seconds=seconds,
-        meta={"ms_per_frame": 1e3 * seconds / len(t_ns)},
+        meta={"ms_per_frame": ms, "predictions": float(len(ref_chunks))},
     )

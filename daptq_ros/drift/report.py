@@ -100,6 +100,7 @@ def build_summary(
         "episodes": len(episodes),
         "replay_seconds": result.seconds,
         "ms_per_frame": result.meta.get("ms_per_frame"),
+        "predictions": int(result.reference_chunks.shape[0]),
         "action_names": names,
         "action_error": {n: {k: stats[k][j] for k in stats} for j, n in enumerate(names)},
         "chunk_error": {n: {k: chunk_stats[k][j] for k in chunk_stats} for j, n in enumerate(names)},
@@ -270,7 +271,8 @@ def render_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         f"replay {summary['replay_seconds']:.1f} s"
         f" ({_fmt(summary['ms_per_frame'], 3)} ms/frame)",
         f"- executed actions: chunking `{summary['chunking']['mode']}`"
-        f" (execute_steps {summary['chunking']['execute_steps']})",
+        f" (execute_steps {summary['chunking']['execute_steps']}); {summary['predictions']} chunk predictions"
+        " per artifact",
         "",
         "## Gate",
         "",
