@@ -163,3 +163,19 @@ def test_calibration_batches(demo_dir):
         config=tiny_config(head="regression"),
     )
     assert "noise" not in reg[0]
+
+
+def test_calibration_batches_from_a_loaded_policy(demo_dir, tmp_path):
+    from daptq_ros.model.io import load_checkpoint
+    from daptq_ros.model.testing import write_tiny_checkpoint
+
+    loaded = load_checkpoint(write_tiny_checkpoint(tmp_path / "ckpt"))
+    batches = calibration_batches(demo_dir, loaded, n_frames=3, batch_size=3)
+    raw = np.concatenate([load_episode(p).proprio for p in sorted(demo_dir.glob("*/*.npz"))])
+    for row in batches[0]["proprio"].numpy():  # normalized with the checkpoint's stats (mean 0, std 0.5)
+        unnormalized = row * loaded.norm.proprio_std + loaded.norm.proprio_mean
+        assert np.abs(raw - unnormalized).sum(1).min() < 1e-5
+    assert batches[0]["noise"].shape == (3, loaded.config.chunk_size, 4)
+    (tmp_path / "ckpt" / "instructions.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="instruction cache"):
+        calibration_batches(demo_dir, loaded, n_frames=3)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from daptq_ros.model.config import VLAConfig
-from daptq_ros.model.io import NormStats
+from daptq_ros.model.io import LoadedPolicy, NormStats
 from daptq_ros.model.language import InstructionCache, UnknownInstructionError, normalize_instruction
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class DemoDataset:
 
 def calibration_batches(
     demo_dir: str | Path,
-    cache: InstructionCache,
+    cache: InstructionCache | LoadedPolicy,
     n_frames: int = 256,
     batch_size: int = 32,
     seed: int = 0,
@@ -336,7 +336,9 @@ def calibration_batches(
 
     Args:
         demo_dir: ``DIR/<task>/*.npz``.
-        cache: instruction features.
+        cache: instruction features, or a :class:`~daptq_ros.model.io.LoadedPolicy` whose norm
+            stats and config are then used (unless given) and whose instruction cache is the
+            ``instructions.safetensors`` next to its checkpoint file.
         n_frames: total frames.
         batch_size: frames per batch (the last batch may be smaller).
         seed: frame selection and noise seed.
@@ -347,6 +349,15 @@ def calibration_batches(
     Returns:
         list of dicts with ``image``, ``lang_tokens``, ``lang_mask``, ``proprio`` (+ ``noise``).
     """
+    if isinstance(cache, LoadedPolicy):
+        policy = cache
+        norm, config = norm or policy.norm, config or policy.config
+        cache_path = policy.path.parent / "instructions.safetensors" if policy.path else None
+        if cache_path is None or not cache_path.is_file():
+            raise FileNotFoundError(
+                f"no instruction cache next to the checkpoint ({cache_path}); pass an InstructionCache"
+            )
+        cache = InstructionCache.load(cache_path)
     config = config or VLAConfig()
     if n_frames < 1 or batch_size < 1:
         raise ValueError(f"n_frames and batch_size must be >= 1, got {n_frames}, {batch_size}")

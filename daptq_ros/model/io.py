@@ -108,12 +108,13 @@ class NormStats:
 
 @dataclass
 class LoadedPolicy:
-    """A loaded checkpoint: the model (eval mode), its config, norm stats and full metadata."""
+    """A loaded checkpoint: the model (eval mode), its config, norm stats, metadata and file path."""
 
     model: ReferenceVLA
     config: VLAConfig
     norm: NormStats
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
 
     @property
     def instructions(self) -> list[str]:
@@ -269,4 +270,4 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"{path}: tensor shapes do not match the stored config: {bad[:5]}")
     model.load_state_dict(state)
     model.to(device).eval()
-    return LoadedPolicy(model=model, config=config, norm=norm, meta=meta)
+    return LoadedPolicy(model=model, config=config, norm=norm, meta=meta, path=path)
