@@ -166,12 +166,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _start(name: str, argv: list[str], log_dir: Path | None) -> _Proc:
+    """Start one node; its output goes to DIR/<node>.log, or to our stderr (stdout stays the
+    launcher's summary)."""
     log = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         log = (log_dir / f"{name}.log").open("w")
     logger.info("starting %s: %s", name, " ".join(argv))
-    popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT if log else None,
+    popen = subprocess.Popen(argv, stdout=log or sys.stderr, stderr=subprocess.STDOUT if log else None,
                              start_new_session=True)
     return _Proc(name, popen, log)
 
@@ -195,10 +197,10 @@ def _stop(proc: _Proc, sig: int = signal.SIGINT) -> int:
     return rc
 
 
-def _clean_exit(rc: int, user_stop: bool) -> bool:
-    """Exit codes of a node stopped by us: 0/130 (handled SIGINT); death by signal only counts as
-    clean when the user interrupted the launcher (e.g. Ctrl-C during a node's startup)."""
-    return rc in (0, 130) or (user_stop and rc in (-signal.SIGINT, -signal.SIGTERM))
+def _clean_exit(rc: int) -> bool:
+    """Exit code of a node *we* stopped: 0/130 (SIGINT handled) or death by our SIGINT/SIGTERM
+    (e.g. still importing); anything else (an exception at shutdown, SIGKILL after a hang) is not."""
+    return rc in (0, 130, -signal.SIGINT, -signal.SIGTERM)
 
 
 def read_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -268,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 # the policy node runs until stopped; the sim bridge exits 0 when it is done
                 if proc.name == "policy_node" or rc != 0:
                     crashed.append(proc.name)
-            elif not _clean_exit(rc, bool(stop_requested)):
+            elif not _clean_exit(rc):
                 crashed.append(proc.name)
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -53,6 +53,7 @@ def test_launch_sim_episode_over_dds(artifact, domain, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "daptq_ros.cli", "launch", "policy", "--sim", "--artifact", str(artifact),
              "--namespace", "t1", "--max-steps", "15", "--episodes", "1", "--timeout", "150",
+             "--set", "sim_bridge:min_result_subscribers:=1",  # the probe: no race with discovery
              "--json", str(out)],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,7 +66,7 @@ def test_launch_sim_episode_over_dds(artifact, domain, tmp_path):
         assert report["summary"]["episodes"] == 1
         assert "reach-v3" in proc.stdout and "total: " in proc.stdout
         got = probe.wait_for(lambda: len(probe.msgs["/t1/sim_bridge/episode_result"]) >= 2, 10)
-        assert got, {k: len(v) for k, v in probe.msgs.items()}
+        assert got, ({k: len(v) for k, v in probe.msgs.items()}, proc.stderr[-1500:])
         records = [json.loads(m.data) for m in probe.msgs["/t1/sim_bridge/episode_result"]]
         assert [r["type"] for r in records] == ["episode", "summary"]
         assert records[0]["steps"] == episode["steps"]
@@ -106,7 +107,9 @@ def test_bad_inputs_never_command_and_are_reported(artifact, domain, tmp_path):
         ins_pub = probe.publisher("/policy_node/instruction", String)
         st_pub = probe.publisher("/policy_node/joint_states", JointState)
         assert probe.wait_for(lambda: img_pub.get_subscription_count() and ins_pub.get_subscription_count()
-                              and st_pub.get_subscription_count(), 60), (tmp_path / "policy.log").read_text()
+                              and st_pub.get_subscription_count()
+                              and probe.node.count_publishers("/policy_node/joint_command"), 60), \
+            (tmp_path / "policy.log").read_text()
         valid = String(data=INSTRUCTION)
         bad_instr = [String(data=""), String(data="   "), String(data="x" * 5000), String(data="a\x07b")]
         non_utf8 = b"\x00\x01\x00\x00\x05\x00\x00\x00\xff\xfeab\x00"
@@ -135,6 +138,8 @@ def test_bad_inputs_never_command_and_are_reported(artifact, domain, tmp_path):
             probe.wait_for(lambda: False, 0.1)
         assert _diag(probe, "", bad_counts)(), (tmp_path / "policy.log").read_text()[-3000:]
         assert not probe.msgs["/policy_node/joint_command"], "a command was published on bad input"
+        latest = diag_values(_policy_diags(probe)[-1])  # the node's own count, independent of DDS
+        assert latest["commands"] == "0" and latest["fault_commands"] == "0", latest
         warn = [m.status[0] for m in probe.msgs["/diagnostics"] if m.status[0].level == DiagnosticStatus.WARN]
         assert any("bad_images" in s.message for s in warn)
         log = (tmp_path / "policy.log").read_text()

@@ -149,6 +149,8 @@ SIM_BRIDGE_SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("startup_timeout_s", "float", 60.0,
               "wait for the policy node's topics (and model load) before the first episode",
               0.1, 3600.0),
+    ParamSpec("min_result_subscribers", "int", 0,
+              "before the first episode, also wait for this many ~/episode_result subscribers", 0, 1000),
     ParamSpec("frame_id", "str", "world", "frame_id of published images and states"),
     ParamSpec("results_path", "str", "", "also write episode results as JSON lines to this file"),
 )
@@ -218,6 +220,7 @@ class SimBridgeParams:
     command_timeout_s: float
     missed_step_action: str
     startup_timeout_s: float
+    min_result_subscribers: int
     frame_id: str
     results_path: str
 

@@ -140,7 +140,9 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        assert self.params is not None
+        if self.params is None or self.controller is None:
+            self._log("error", "activate_refused", reason="not configured")
+            return TransitionCallbackReturn.FAILURE
         self._active = True
         # trigger=image: the timer only checks for stale input (steps run on image + state arrival)
         self._timer = self.create_timer(1.0 / self.params.control_rate_hz, self._tick)

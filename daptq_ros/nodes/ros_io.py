@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -194,14 +195,13 @@ class RateMeter:
 
     def __init__(self, window_s: float = 5.0) -> None:
         self.window_s = window_s
-        self._t: list[float] = []
+        self._t: deque[float] = deque()
 
     def tick(self) -> None:
         now = time.monotonic()
         self._t.append(now)
-        cutoff = now - self.window_s
-        while self._t and self._t[0] < cutoff:
-            self._t.pop(0)
+        while self._t and self._t[0] < now - self.window_s:
+            self._t.popleft()
 
     def rate_hz(self) -> float:
         cutoff = time.monotonic() - self.window_s

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
@@ -145,14 +146,16 @@ class SimBridge(Node):
         return self._command
 
     def wait_for_policy(self) -> None:
-        """Block until the policy node subscribes to our topics and publishes ``~/command``."""
+        """Block until the policy node subscribes to our topics and publishes ``~/command`` (and
+        ``min_result_subscribers`` listen to ``~/episode_result``)."""
         deadline = time.monotonic() + self.params.startup_timeout_s
         topic = self._cmd_sub.topic_name
         while rclpy.ok():
             ready = (self._image_pub.get_subscription_count() > 0
                      and self._state_pub.get_subscription_count() > 0
                      and self._instr_pub.get_subscription_count() > 0
-                     and self.count_publishers(topic) > 0)
+                     and self.count_publishers(topic) > 0
+                     and self._result_pub.get_subscription_count() >= self.params.min_result_subscribers)
             if ready:
                 self.get_logger().info("event=policy_ready")
                 return
@@ -233,6 +236,9 @@ class SimBridge(Node):
         summary = summarize(self.results)
         summary.update(stale_commands=self.stale_commands, bad_commands=self.bad_commands)
         self._emit(summary)
+        # reliable delivery of the results to matched subscribers before the process exits
+        if not self._result_pub.wait_for_all_acked(Duration(seconds=5)):
+            self.get_logger().warning("event=results_not_acknowledged timeout_s=5")
         return summary
 
 
