@@ -23,13 +23,8 @@ from daptq_ros.runtime.chunking import ChunkingConfig
 
 @pytest.fixture
 def ckpt(tmp_path):
-    path = write_tiny_checkpoint(tmp_path)
-    policy = TorchPolicy.from_checkpoint(path, allow_encode=False)
-    torch.manual_seed(1)
-    with torch.no_grad():  # fresh flow heads output exactly 0 (adaLN-zero): make them non-trivial
-        for p in policy.model.action_head.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return path, policy
+    path = write_tiny_checkpoint(tmp_path)  # with a non-trivial (perturbed) action head
+    return path, TorchPolicy.from_checkpoint(path, allow_encode=False)
 
 
 def _obs(size=32, value=100):
@@ -149,3 +144,32 @@ def test_adapter_validates_on_calibration_batches(tmp_path, head):
             adapter.run(model, {k: v for k, v in batches[0].items() if k != "noise"})
     with pytest.raises(AdapterError, match="proprio"):
         adapter.run(model, {k: v for k, v in batches[0].items() if k != "proprio"})
+
+
+def test_quantized_checkpoint_is_loaded_through_the_quant_package(tmp_path):
+    """A checkpoint written by daptq_ros.quant (detected by its `daptq.quant` metadata) loads."""
+    api = pytest.importorskip("daptq_ros.quant.api")
+    qckpt = pytest.importorskip("daptq_ros.quant.checkpoint")
+    recipe_mod = pytest.importorskip("daptq_ros.quant.recipe")
+    from daptq_ros.model.io import CHECKPOINT_KEY, load_checkpoint, read_metadata
+
+    fp_path = write_tiny_checkpoint(tmp_path)
+    demos = write_synthetic_demos(tmp_path / "demos", episodes_per_task=1, length=8)
+    loaded = load_checkpoint(fp_path)
+    batches = calibration_batches(demos, loaded, n_frames=16, batch_size=8)
+    recipe = recipe_mod.load_recipe(
+        {"method": "rtn", "w_bits": 8, "a_bits": 16, "calib_frames": 16, "min_calib_frames": 8}
+    )
+    result = api.quantize_policy(loaded.model, ReferenceVLAAdapter(), batches, recipe)
+    q_path = qckpt.save_quantized(
+        tmp_path / "q8.safetensors", loaded.model, result, base=read_metadata(fp_path)[CHECKPOINT_KEY]
+    )
+    quant = TorchPolicy.from_checkpoint(q_path, allow_encode=False)
+    fp = TorchPolicy.from_checkpoint(fp_path, allow_encode=False)
+    assert "quant" in quant.meta and quant.config == fp.config
+    noise = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    for p in (quant, fp):
+        p.reset("reach the red goal position", seed=0)
+    q_chunk, fp_chunk = quant.predict_chunk(_obs(), noise), fp.predict_chunk(_obs(), noise)
+    assert not np.array_equal(q_chunk, fp_chunk)  # weights really are quantized
+    np.testing.assert_allclose(q_chunk, fp_chunk, atol=0.05)  # ... to 8 bits: close

@@ -122,12 +122,26 @@ def write_tiny_checkpoint(
     config: VLAConfig | None = None,
     seed: int = 0,
     cache: InstructionCache | None = None,
+    nontrivial_head: bool = True,
 ) -> Path:
-    """Randomly initialized tiny checkpoint ``directory/policy.safetensors`` + its instruction cache."""
+    """Randomly initialized tiny checkpoint ``directory/policy.safetensors`` + its instruction cache.
+
+    Args:
+        directory: output directory (created).
+        config: model config (default :func:`tiny_config`).
+        seed: weight seed.
+        cache: instruction cache written beside it (default :func:`synthetic_cache`).
+        nontrivial_head: perturb the action head, whose adaLN-zero / zero-initialized output
+            layers would otherwise make a fresh flow head return its noise unchanged.
+    """
     directory = Path(directory)
     config = config or tiny_config()
     torch.manual_seed(seed)
     model = ReferenceVLA(config)
+    if nontrivial_head:
+        with torch.no_grad():
+            for p in model.action_head.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
     norm = NormStats(
         np.zeros(config.proprio_dim),
         np.ones(config.proprio_dim) * 0.5,
