@@ -81,7 +81,7 @@ def test_batches_match_the_model_io_contract(bag, table):
     )
 
 
-def test_loaded_policy_entry_point_and_errors(bag, table):
+def test_loaded_policy_entry_point_and_errors(bag, table, tmp_path):
     config = SimpleNamespace(image_size=16, chunk_size=8, action_dim=4, uses_noise=False)
     norm = SimpleNamespace(
         proprio_mean=np.array(NORM["proprio_mean"]), proprio_std=np.array(NORM["proprio_std"])
@@ -89,6 +89,11 @@ def test_loaded_policy_entry_point_and_errors(bag, table):
     policy = SimpleNamespace(config=config, norm=norm)
     batches = calibration_batches(bag, policy, frames=6, seed=0, cache=table)
     assert len(batches) == 1 and "noise" not in batches[0]
+    # Without an explicit cache, the one saved next to the checkpoint is used.
+    table.save(tmp_path / "instructions.safetensors")
+    policy.path = tmp_path / "policy.safetensors"
+    again = calibration_batches(bag, policy, frames=6, seed=0)
+    np.testing.assert_array_equal(again[0]["lang_tokens"].numpy(), batches[0]["lang_tokens"].numpy())
     with pytest.raises(BagError, match="normalization stats"):
         calibration_batches_from_bag(bag, topics(), cache=table)
     odd = InstructionTable({"something else": (np.zeros((16, 384), np.float32), np.ones(16, np.float32))})

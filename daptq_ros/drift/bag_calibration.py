@@ -161,12 +161,13 @@ def calibration_batches(
     """``quantize --calib-bag`` entry point: batches for a loaded checkpoint (``model.io.LoadedPolicy``).
 
     Image size, chunk size, action dim and head come from ``policy.config``, normalization from
-    ``policy.norm``; the instruction cache is ``cache``, else ``policy.instruction_cache`` /
-    ``policy.instructions_path`` when present, else the package's MT10 cache.
+    ``policy.norm``; the instruction cache is ``cache``, else ``instructions.safetensors`` next to
+    the checkpoint (``policy.path``, as the demo calibration does), else the package's MT10 cache.
     """
     config = policy.config
-    if cache is None:
-        cache = getattr(policy, "instruction_cache", None) or getattr(policy, "instructions_path", None)
+    ckpt = getattr(policy, "path", None)
+    if cache is None and ckpt is not None and (Path(ckpt).parent / "instructions.safetensors").is_file():
+        cache = Path(ckpt).parent / "instructions.safetensors"
     noise = (int(config.chunk_size), int(config.action_dim)) if getattr(config, "uses_noise", True) else None
     return calibration_batches_from_bag(
         bag,
