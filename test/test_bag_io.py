@@ -173,9 +173,7 @@ def test_missing_path_and_topics(tmp_path):
     with pytest.raises(BagError, match="does not exist"):
         BagFrames(tmp_path / "nope", topics())
     bag = write_episodes_bag(tmp_path / "bag", synthetic_episodes(1, 2), BagTopics(commands=[]))
-    with pytest.raises(
-        BagError, match=r"lacks topic\(s\) /joint_command; it has: .*/camera/image"
-    ):
+    with pytest.raises(BagError, match=r"lacks topic\(s\) /joint_command; it has: .*/camera/image"):
         BagFrames(bag, topics())
 
 
@@ -251,9 +249,7 @@ def test_truncated_bag(tmp_path, storage):
 def test_wrong_image_encoding(tmp_path):
     tp = BagTopics(commands=[])
     msgs = [*_frame_msgs(tp, 3, encoding="yuv422"), (tp.instruction, STRING_TYPE, T0 - MS, string_msg("go"))]
-    with pytest.raises(
-        BagError, match=r"image 0 on /camera/image .*unsupported image encoding 'yuv422'"
-    ):
+    with pytest.raises(BagError, match=r"image 0 on /camera/image .*unsupported image encoding 'yuv422'"):
         list(BagFrames(_write(tmp_path / "bag", msgs), tp))
 
 
@@ -280,3 +276,31 @@ def test_no_usable_frames_and_bad_joint_states(tmp_path):
     ]
     with pytest.raises(BagError, match=r"lacks joint\(s\) \['hand_x'"):
         BagFrames(_write(tmp_path / "names", js), tp)
+
+
+def test_record_cli_converts_demo_episodes(tmp_path):
+    from daptq_ros.cli import main
+
+    for i, ep in enumerate(synthetic_episodes(2, 5)):
+        task_dir = tmp_path / "demos" / f"task{i}-v3"
+        task_dir.mkdir(parents=True)
+        np.savez_compressed(
+            task_dir / f"task{i}-v3_s{i}.npz",
+            image=ep.image,
+            proprio=ep.proprio,
+            state=np.zeros((5, 39), np.float32),
+            action=ep.action,
+            instruction=ep.instruction,
+            task=f"task{i}-v3",
+            seed=i,
+            success=True,
+        )
+    out = tmp_path / "bag"
+    assert (
+        main(["record", "--out", str(out), "--from-demos", str(tmp_path / "demos"), "--storage", "sqlite3"])
+        == 0
+    )
+    frames = list(BagFrames(out, topics()))
+    assert len(frames) == 10 and [f.episode for f in frames] == [0] * 5 + [1] * 5
+    assert main(["record", "--out", str(tmp_path / "x"), "--from-demos", str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "x").exists()
