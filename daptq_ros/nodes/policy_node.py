@@ -301,6 +301,12 @@ class PolicyNode(LifecycleNode):
             self._encoder_thread.start()
 
     def _encode_worker(self) -> None:
+        try:  # the MiniLM encoder runs on torch: keep its thread pool from starving the control loop
+            import torch
+
+            torch.set_num_threads(max(1, self.params.intra_op_threads))
+        except ImportError:
+            pass
         while self._encode_target is not None:
             text, self._encode_target = self._encode_target, None
             t0 = time.monotonic()
