@@ -137,6 +137,7 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
     for tile in dict.fromkeys(base):
         bm_, bn_, bk_, swap, mode = tile
         warps = 8 if bm_ * bn_ >= 128 * 128 else 4
+        stages = pipeline_stages(kind, bm_, bn_, bk_)
         split = default_split_k(m, n, k // bk_, bm_, bn_, sm_count)
         splits = [split] if quick else [split, max(1, split // 2), split * 2]
         if bucket >= 64 and not quick:  # many tokens: the workspace traffic may outweigh the split
@@ -144,8 +145,20 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
         for sk in dict.fromkeys(splits):
             if sk > 1 and k // bk_ < 2 * sk:
                 continue
-            out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, 4 if bm_ <= 64 else 3))
+            out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages))
     return out
+
+
+# Shared memory the software pipeline may use (H100: 227 KB per block; the rest is left for
+# Triton's layout-conversion scratch).
+_PIPELINE_SMEM = 160 * 1024
+
+
+def pipeline_stages(kind: str, block_m: int, block_n: int, block_k: int) -> int:
+    """Pipeline depth (2..4) whose weight + activation tiles fit :data:`_PIPELINE_SMEM`."""
+    w_bytes = block_n * block_k // (2 if kind == "w4a16" else 1)
+    stage = w_bytes + block_m * block_k * 2
+    return max(2, min(4, _PIPELINE_SMEM // stage))
 
 
 @dataclass

@@ -107,6 +107,7 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("status", "status", ""), ("trunk ms", "trunk_ms", ".4f"), ("linears ms", "linears_ms", ".4f"),
     ("× bf16 (trunk)", "speedup_trunk", ".2f"), ("× bf16 (lin)", "speedup_linears", ".2f"),
     ("weight MB", "weight_mb", ".1f"), ("floor ms", "floor_ms", ".4f"),
+    ("GEMM floor ms", "compute_floor_ms", ".4f"),
     ("trunk/floor", "x_floor_trunk", ".2f"), ("lin/floor", "x_floor_linears", ".2f"),
     ("rel err", "rel_err_kernel", ".1e"), ("quant err", "rel_err_quant", ".1e"),
 ]
