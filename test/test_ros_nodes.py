@@ -2,7 +2,6 @@
 inputs that must never reach the robot, and a node that cannot load its model."""
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ def _policy_diags(probe):
     return [m for m in probe.msgs["/diagnostics"] if m.status and m.status[0].name.startswith("policy_node")]
 
 
-def _diag(probe, key, cond):
+def _diag(probe, cond):
     """Predicate: the latest policy_node diagnostics satisfy ``cond(values, status)``."""
     def check():
         msgs = _policy_diags(probe)
@@ -130,13 +129,13 @@ def test_bad_inputs_never_command_and_are_reported(artifact, domain, tmp_path):
             return int(v["bad_images"]) >= 2 * (len(bad_images) + 1) and int(v["bad_instructions"]) >= 5
 
         deadline = time.monotonic() + 30
-        while not _diag(probe, "", bad_counts)() and time.monotonic() < deadline:
+        while not _diag(probe, bad_counts)() and time.monotonic() < deadline:
             st_pub.publish(_state())
             for msg in bad_images:
                 img_pub.publish(msg)
             img_pub.publish(b"\x00\x01\x00\x00\xff\xff")  # malformed CDR
             probe.wait_for(lambda: False, 0.1)
-        assert _diag(probe, "", bad_counts)(), (tmp_path / "policy.log").read_text()[-3000:]
+        assert _diag(probe, bad_counts)(), (tmp_path / "policy.log").read_text()[-3000:]
         assert not probe.msgs["/policy_node/joint_command"], "a command was published on bad input"
         latest = diag_values(_policy_diags(probe)[-1])  # the node's own count, independent of DDS
         assert latest["commands"] == "0" and latest["fault_commands"] == "0", latest
@@ -176,7 +175,7 @@ def test_config_errors_keep_node_up_and_report(artifact, domain, tmp_path, case)
     probe = Probe(domain_id)
     try:
         probe.subscribe("/diagnostics", DiagnosticArray)
-        ok = probe.wait_for(_diag(probe, "", lambda v, s: s.level == DiagnosticStatus.ERROR), 60)
+        ok = probe.wait_for(_diag(probe, lambda v, s: s.level == DiagnosticStatus.ERROR), 60)
         assert ok, (tmp_path / "policy.log").read_text()[-2000:]
         errors = [m.status[0] for m in _policy_diags(probe) if m.status[0].level == DiagnosticStatus.ERROR]
         status = errors[-1]
@@ -190,9 +189,3 @@ def test_config_errors_keep_node_up_and_report(artifact, domain, tmp_path, case)
     finally:
         probe.close()
         assert stop(node) == 0
-
-
-def test_random_domain_helper_isolated():
-    ids = {int(ros_env()["ROS_DOMAIN_ID"]) for _ in range(20)}
-    assert len(ids) > 1 and all(1 <= i <= 100 for i in ids)
-    random.seed()
