@@ -93,7 +93,10 @@ def test_record_and_read_back(publisher, tmp_path, storage):
     assert len(frames) >= 5
     assert {f.instruction for f in frames} == {"reach the red goal position"}
     np.testing.assert_array_equal(frames[0].image[0, 0], [255, 0, frames[0].image[0, 0, 2]])  # bgr8 → rgb
-    np.testing.assert_allclose(frames[-1].command, [0.1, 0.0, -0.1, 1.0], atol=1e-6)
+    # The recording may stop between an image and its command: only the last frame may lack one.
+    commands = [f.command for f in frames if f.command is not None]
+    assert len(commands) >= len(frames) - 1
+    np.testing.assert_allclose(commands[-1], [0.1, 0.0, -0.1, 1.0], atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bag", "pub.py"]
 
 
