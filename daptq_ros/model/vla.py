@@ -90,10 +90,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        x = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
 
 
 class Block(nn.Module):
@@ -105,14 +106,16 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, dim * mlp_ratio, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(
         self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, n_queries: int | None = None
     ) -> torch.Tensor:
         """Update ``x`` (B, L, D); with ``n_queries`` only the last tokens are updated and returned."""
         attn = self.attn(self.norm1(x), attn_bias, n_queries=n_queries)
-        x = (x if n_queries is None else x[:, -n_queries:]) + self.drop(attn)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, self.dropout, training=True)
+        x = (x if n_queries is None else x[:, -n_queries:]) + attn
         return x + self.mlp(self.norm2(x))
 
 
@@ -209,8 +212,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1.0 + scale[:, None]) + shift[:, None]
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift``; ``scale1p`` already holds ``1 + scale``."""
+    return torch.addcmul(shift[:, None], x, scale1p[:, None])
 
 
 class DiTBlock(nn.Module):
@@ -237,10 +241,13 @@ class DiTBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, prefix_kv: tuple[torch.Tensor, torch.Tensor], modulation: torch.Tensor
     ) -> torch.Tensor:
-        """Update action tokens ``x`` (B, H, D) given the prefix KV and ``adaln(silu(c))`` (B, 6D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1), prefix_kv=prefix_kv)
-        return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+        """Update action tokens ``x`` (B, H, D) given the prefix KV and ``adaln(silu(c))`` (B, 6D),
+        with 1 already added to its two scale slices (see :meth:`FlowHead._prepare`)."""
+        shift1, scale1p, gate1, shift2, scale2p, gate2 = modulation.chunk(6, dim=-1)
+        x = torch.addcmul(
+            x, gate1[:, None], self.attn(_modulate(self.norm1(x), shift1, scale1p), prefix_kv=prefix_kv)
+        )
+        return torch.addcmul(x, gate2[:, None], self.mlp(_modulate(self.norm2(x), shift2, scale2p)))
 
 
 class FlowHead(nn.Module):
@@ -269,6 +276,12 @@ class FlowHead(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.final_adaln = nn.Linear(dim, 2 * dim)
         self.final = nn.Linear(dim, config.action_dim)
+        # constant 1 on the "scale" slices of the modulations ([shift, scale, gate] x 2 / [shift, scale])
+        one, zero = torch.ones(dim), torch.zeros(dim)
+        self.register_buffer(
+            "block_scale_offset", torch.cat([zero, one, zero, zero, one, zero]), persistent=False
+        )
+        self.register_buffer("final_scale_offset", torch.cat([zero, one]), persistent=False)
 
     def _time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """Flow times ``t`` (N,) → time embeddings (N, D) (sinusoid → ``time_fc1`` → SiLU → ``time_fc2``)."""
@@ -288,8 +301,9 @@ class FlowHead(nn.Module):
         c = F.silu(temb.to(z.dtype) + self.cond_pool(z.mean(dim=1))[:, None])
         cond = z + self.cond_pos
         prefix = [block.prefix(cond) for block in self.blocks]
-        mods = [block.adaln(c) for block in self.blocks]
-        return prefix, mods, self.final_adaln(c)
+        # + 1 on the scale slices here, once, instead of in every modulation of every flow step
+        mods = [block.adaln(c) + self.block_scale_offset for block in self.blocks]
+        return prefix, mods, self.final_adaln(c) + self.final_scale_offset
 
     def _velocity(
         self, x: torch.Tensor, prefix: list, mods: list[torch.Tensor], final_mod: torch.Tensor, step: int
@@ -297,8 +311,8 @@ class FlowHead(nn.Module):
         h = self.action_in(x) + self.action_pos
         for block, kv, mod in zip(self.blocks, prefix, mods, strict=True):
             h = block(h, kv, mod[:, step])
-        shift, scale = final_mod[:, step].chunk(2, dim=-1)
-        return self.final(_modulate(self.final_norm(h), shift, scale))
+        shift, scale1p = final_mod[:, step].chunk(2, dim=-1)
+        return self.final(_modulate(self.final_norm(h), shift, scale1p))
 
     def predict(self, z: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Integrate the flow from ``noise`` (B,H,A) to actions with fixed Euler steps."""
