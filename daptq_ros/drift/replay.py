@@ -44,7 +44,8 @@ class ReplayResult:
         reference_chunks / candidate_chunks: (M, H, A) raw chunks predicted at the queried frames
             (re-plan frames, or every frame; see :func:`replay`).
         reference_actions / candidate_actions: (N, A) executed actions (chunking rule applied).
-        recorded_commands: (N, C) recorded command vectors, or None when any frame lacks one.
+        recorded_commands: (N, C) recorded command vectors (NaN rows for frames without one), or
+            None when no frame has one or their sizes differ.
         seconds: wall time of the replay loop.
     """
 
@@ -204,7 +205,13 @@ def replay(
     else:
         plan, off = np.asarray(plan_of), np.asarray(offset)
         ref_exec, cand_exec = ref_arr[plan, off], cand_arr[plan, off]
-    have_cmds = all(c is not None for c in cmds) and len({c.shape for c in cmds}) == 1
+    shapes = {c.shape for c in cmds if c is not None}
+    recorded = None
+    if len(shapes) == 1:
+        recorded = np.full((len(cmds), next(iter(shapes))[0]), np.nan, dtype=np.float32)
+        for i, c in enumerate(cmds):
+            if c is not None:
+                recorded[i] = c
     ms = 1e3 * seconds / len(t_ns)
     logger.info(
         "replayed %d frames (%d episodes, %d predictions per policy) in %.1f s (%.1f ms/frame)",
@@ -223,7 +230,7 @@ def replay(
         candidate_chunks=cand_arr,
         reference_actions=ref_exec.astype(np.float32),
         candidate_actions=cand_exec.astype(np.float32),
-        recorded_commands=np.stack(cmds).astype(np.float32) if have_cmds else None,
+        recorded_commands=recorded,
         seconds=seconds,
         meta={"ms_per_frame": ms, "predictions": float(len(ref_chunks))},
     )

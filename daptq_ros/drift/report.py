@@ -130,15 +130,20 @@ def _recorded_command_check(result: ReplayResult) -> dict[str, Any]:
     """How far the reference's executed actions are from the recorded commands (informative only)."""
     cmds = result.recorded_commands
     if cmds is None:
-        return {"available": False, "reason": "no command recorded for every frame"}
+        return {"available": False, "reason": "no frame has a recorded command (or their sizes differ)"}
     if cmds.shape[1] != result.reference_actions.shape[1]:
         return {
             "available": False,
             "reason": f"command vectors have {cmds.shape[1]} values, "
             f"actions {result.reference_actions.shape[1]}",
         }
-    diff = np.abs(cmds - result.reference_actions)
-    return {"available": True, "reference_vs_recorded_mean_abs": diff.mean(axis=0).tolist()}
+    have = ~np.isnan(cmds).any(axis=1)
+    diff = np.abs(cmds[have] - result.reference_actions[have])
+    return {
+        "available": True,
+        "frames_with_command": int(have.sum()),
+        "reference_vs_recorded_mean_abs": diff.mean(axis=0).tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------- plots
