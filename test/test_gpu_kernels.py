@@ -50,6 +50,8 @@ W4_CASES = [
     (3, 64, 256, 64, KernelConfig(16, 64, 32, 4, True, 0)),
     (33, 64, 256, 128, KernelConfig(16, 64, 128, 1, True, 1)),
     (20, 96, 256, 128, KernelConfig(32, 64, 64, 2, False, 1)),
+    (17, 96, 512, 128, KernelConfig(16, 64, 64, 4, True, 1, serial=False)),  # two-launch reduction
+    (2, 192, 512, 64, KernelConfig(16, 64, 32, 8, True, 1, serial=True)),  # in-launch, 3×1 tiles
 ]
 
 
@@ -67,6 +69,7 @@ W8_CASES = [
     (1, 64, 128, KernelConfig(16, 64, 128, 1, True, 1)),
     (7, 96, 256, KernelConfig(16, 64, 64, 2, True, 0)),
     (40, 64, 128, KernelConfig(16, 64, 32, 2, False, 1)),
+    (9, 64, 256, KernelConfig(16, 64, 64, 4, True, 1, serial=False)),
 ]
 
 
@@ -118,6 +121,16 @@ def test_w8a8_intmm_matches_fake_quant_reference():
         assert relative_error(out, ref) < TOL
 
 
+def test_serial_split_leaves_tile_counters_at_zero():
+    x, w, b = _problem(20, 128, 512, seed=21)
+    q4 = quantize_int4_groupwise(w, 128)
+    cfg = KernelConfig(16, 64, 64, 4, True, 1, serial=True)
+    ref = reference_linear(x, q4.dequantize(), b, torch.float32)
+    for _ in range(2):  # a second launch relies on the first having reset the counters
+        assert relative_error(launch_weight_only("w4a16", x, q4, b, cfg), ref) < TOL
+    assert int(kernels.tile_counters(x.device, 1).abs().sum()) == 0
+
+
 def test_launch_rejects_bad_shapes():
     x, w, b = _problem(2, 64, 128, seed=1)
     q4 = quantize_int4_groupwise(w, 64)
@@ -133,7 +146,7 @@ def test_launch_rejects_bad_shapes():
 # Compiles two kernels for sm_90 with Triton's own compiler (no GPU needed). It runs in a fresh
 # interpreter because this module switched Triton to interpret mode at import.
 _COMPILE_SCRIPT = r"""
-import json, sys
+import json, re, sys
 import triton
 try:
     from triton.backends.compiler import GPUTarget
@@ -154,16 +167,18 @@ def comp(fn, signature, constexprs, num_warps):
 common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
           "stride_os": "i32", "k_blocks_per_split": "i32"}
 w4 = comp(tk.w4a16_kernel,
-          {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*fp32",
+          {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+           "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            **common, "stride_sg": "i32"},
           {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP_AB": True, "MODE": 1,
-           "HAS_BIAS": False, "SPLIT_OUT": True, "EVEN_N": True}, 4)
+           "HAS_BIAS": False, "SPLIT_MODE": 2, "EVEN_N": True}, 4)
 w8 = comp(tk.w8a16_kernel,
           {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-           **common},
+           "ws_ptr": "*bf16", "cnt_ptr": "*bf16", **common},
           {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP_AB": True, "MODE": 0, "HAS_BIAS": True,
-           "SPLIT_OUT": False, "EVEN_N": False}, 4)
-print(json.dumps({"wgmma": ["wgmma.mma_async" in k.asm["ptx"] for k in (w4, w8)]}))
+           "SPLIT_MODE": 0, "EVEN_N": False}, 4)
+print(json.dumps({"wgmma": ["wgmma.mma_async" in k.asm["ptx"] for k in (w4, w8)],
+                  "atom": bool(re.search(r"atom\.global\.\S*acq_rel", w4.asm["ptx"]))}))
 """
 
 
@@ -185,3 +200,4 @@ def test_kernels_compile_for_hopper_with_wgmma():
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["wgmma"] == [True, True]  # Hopper tensor-core path, not mma.sync / FMA
+    assert result["atom"]  # the split-K tile counter is a release/acquire atomic

@@ -5,8 +5,10 @@ All matmul kernels compute ``out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` f
 
 - The grid is (N tiles, M tiles, K splits). Each program streams a BLOCK_N × (K / SPLIT_K) slab of
   quantized weights exactly once, dequantizes it in registers and feeds the tensor cores; with
-  split-K (M = 1..16 gives too few N tiles to fill 132 SMs) the fp32 partials go to a workspace
-  that :func:`splitk_reduce_kernel` sums (deterministic, no atomics, no memset).
+  split-K (M = 1..16 gives too few N tiles to fill 132 SMs) the fp32 partials go to a workspace,
+  summed either by :func:`splitk_reduce_kernel` (a second launch) or inside the same launch by
+  the last split of each tile to finish (``SPLIT_MODE`` 2, see :func:`_epilogue`). Both sum in
+  split order: deterministic, no memset.
 - ``SWAP_AB`` computes the transposed tile ``acc[BLOCK_N, BLOCK_M] = W_tile · x_tileᵀ`` so that the
   large weight dimension is the MMA's M (Hopper's wgmma needs M ≥ 64) and the few tokens are its N
   (≥ 8): the standard small-M layout; the dequantized weights are then the register operand.
@@ -62,36 +64,58 @@ def _dequant_int8(w, MODE: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
-                SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
-    """Write an fp32 tile: to the split-K workspace (fp32, no bias) or to the output (+ bias)."""
+def _finish(acc, out_ptr, bias_ptr, rel, mask, offs_n, n_mask, SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Add the bias and store the finished fp32 tile in the output dtype."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc = acc + bias[:, None]
+        else:
+            acc = acc + bias[None, :]
+    tl.store(out_ptr + rel, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
+              SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
+    """Write a tile: 0 = to the output; 1 = the fp32 partial to the split-K workspace (a separate
+    reduction launch finishes); 2 = the partial to the workspace, then the last of the tile's
+    splits to arrive sums all partials in split order and writes the output (one launch,
+    deterministic, the CUTLASS split-K semaphore pattern: every thread stores, barrier, one
+    release/acquire atomic; the last block resets the tile's counter to 0 for the next launch)."""
     m_mask = offs_m < M
     n_mask = offs_n < N
-    if SPLIT_OUT:
-        base = out_ptr + pid_k * stride_os
-    else:
-        base = out_ptr
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if SWAP_AB:
-                acc = acc + bias[:, None]
-            else:
-                acc = acc + bias[None, :]
     if SWAP_AB:
-        ptrs = base + offs_m[None, :] * stride_om + offs_n[:, None]
+        rel = offs_m[None, :] * stride_om + offs_n[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
     else:
-        ptrs = base + offs_m[:, None] * stride_om + offs_n[None, :]
+        rel = offs_m[:, None] * stride_om + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_MODE == 0:
+        _finish(acc, out_ptr, bias_ptr, rel, mask, offs_n, n_mask, SWAP_AB, HAS_BIAS)
+    else:
+        pid_k = tl.program_id(2)
+        tl.store(ws_ptr + pid_k * stride_os + rel, acc, mask=mask)
+        if SPLIT_MODE == 2:
+            n_splits = tl.num_programs(2)
+            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            tl.debug_barrier()  # all of this block's partial stores precede the release below
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == n_splits - 1:
+                total = tl.zeros_like(acc)
+                for sk in range(n_splits):  # .cg: read through L2, never a stale L1 line
+                    total += tl.load(ws_ptr + sk * stride_os + rel, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                _finish(total, out_ptr, bias_ptr, rel, mask, offs_n, n_mask, SWAP_AB, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
-def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_blocks_per_split,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT_OUT: tl.constexpr, EVEN_N: tl.constexpr):
+                 SPLIT_MODE: tl.constexpr, EVEN_N: tl.constexpr):
     """W4A16: x (M, K) bf16 · packed int4 W (N, K/2) with bf16 group scales (K/GROUP, N)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -130,16 +154,16 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
             acc += tl.dot(x, tl.trans(w)) * s[None, :]
         w_ptrs += HALF
         x_ptrs += BLOCK_K
-    _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
-                SWAP_AB, HAS_BIAS, SPLIT_OUT)
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
+              SWAP_AB, HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
-def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_blocks_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT_OUT: tl.constexpr, EVEN_N: tl.constexpr):
+                 SPLIT_MODE: tl.constexpr, EVEN_N: tl.constexpr):
     """W8A16: x (M, K) bf16 · int8 W (N, K) with fp32 per-output-channel scales (N,)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -174,8 +198,8 @@ def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
         acc = acc * s[:, None]
     else:
         acc = acc * s[None, :]
-    _store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os, pid_k,
-                SWAP_AB, HAS_BIAS, SPLIT_OUT)
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
+              SWAP_AB, HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit

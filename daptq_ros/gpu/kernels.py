@@ -60,10 +60,12 @@ class KernelConfig:
 
     Attributes:
         block_m / block_n / block_k: tile sizes (tokens, output features, input features).
-        split_k: K splits (> 1 adds a workspace and a reduction launch).
+        split_k: K splits (> 1 adds an fp32 workspace).
         swap_ab: compute the transposed tile (weights as the MMA's M dimension).
         mode: dequantization (0 int→fp16, 1 fp16 magic number, 2 int→bf16; see ``_triton_kernels``).
         num_warps / num_stages: Triton launch options.
+        serial: with split-K, the last split of each tile reduces inside the same launch
+            (otherwise a second, reduction launch does).
     """
 
     block_m: int = 16
@@ -74,10 +76,12 @@ class KernelConfig:
     mode: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    serial: bool = True
 
     def short(self) -> str:
         """Compact string for logs and JSON."""
-        return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}"
+        red = ("r" if self.serial else "R") if self.split_k > 1 else ""
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}{red}"
                 f"{'T' if self.swap_ab else 'N'}d{self.mode}w{self.num_warps}p{self.num_stages}")
 
 
@@ -146,6 +150,8 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
             if sk > 1 and k // bk_ < 2 * sk:
                 continue
             out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages))
+            if sk > 1 and tile == base[0] and not quick:  # the two-launch reduction, for comparison
+                out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages, serial=False))
     return out
 
 
@@ -332,30 +338,49 @@ def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Wei
     per_split = math.ceil(k_blocks / split)
     split = math.ceil(k_blocks / per_split)
     out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    target = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
-    bias_arg = bias if bias is not None else out
     grid = (math.ceil(n / cfg.block_n), math.ceil(m / cfg.block_m), split)
+    split_mode = 0 if split == 1 else (2 if cfg.serial else 1)
+    ws = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
+    counters = tile_counters(x2.device, grid[0] * grid[1]) if split_mode == 2 else out
+    bias_arg = bias if bias is not None else out
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=cfg.swap_ab,
-                  MODE=cfg.mode, HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, EVEN_N=n % cfg.block_n == 0,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  MODE=cfg.mode, HAS_BIAS=bias is not None, SPLIT_MODE=split_mode,
+                  EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if kind == "w4a16":
         if not isinstance(weight, Int4Weight):
             raise TypeError(f"w4a16 needs an Int4Weight, got {type(weight).__name__}")
         if weight.group_size % cfg.block_k:
             raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={weight.group_size}")
-        tk.w4a16_kernel[grid](x2, weight.packed, weight.scales, bias_arg, target,
+        tk.w4a16_kernel[grid](x2, weight.packed, weight.scales, bias_arg, out, ws, counters,
                               m, n, k, x2.stride(0), weight.packed.stride(0), weight.scales.stride(0),
                               n, m * n, per_split, GROUP=weight.group_size, **common)
     else:
         if not isinstance(weight, Int8Weight):
             raise TypeError(f"w8a16 needs an Int8Weight, got {type(weight).__name__}")
-        tk.w8a16_kernel[grid](x2, weight.q, weight.scales, bias_arg, target,
+        tk.w8a16_kernel[grid](x2, weight.q, weight.scales, bias_arg, out, ws, counters,
                               m, n, k, x2.stride(0), weight.q.stride(0), n, m * n, per_split, **common)
-    if split > 1:
+    if split_mode == 1:
         block = 1024
-        tk.splitk_reduce_kernel[(math.ceil(m * n / block),)](target, bias_arg, out, m * n, n, split,
+        tk.splitk_reduce_kernel[(math.ceil(m * n / block),)](ws, bias_arg, out, m * n, n, split,
                                                              HAS_BIAS=bias is not None, BLOCK=block)
     return out
+
+
+# Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
+# (the last split of a tile resets its counter), so one zeroed buffer serves all layers. Buffers
+# are never freed: captured CUDA graphs keep their addresses.
+_COUNTERS: dict[str, list[torch.Tensor]] = {}
+_COUNTERS_MIN = 1 << 16
+
+
+def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n_tiles`` entries on ``device`` (allocated eagerly)."""
+    bufs = _COUNTERS.setdefault(str(device), [])
+    if not bufs or bufs[-1].numel() < n_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K tile counters must be allocated before CUDA-graph capture")
+        bufs.append(torch.zeros(max(n_tiles, _COUNTERS_MIN), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None,
