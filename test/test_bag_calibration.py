@@ -9,7 +9,8 @@ import pytest
 from test_drift_fixtures import INSTRUCTIONS, synthetic_episodes, topics
 
 from daptq_ros.drift.bag_calibration import calibration_batches, calibration_batches_from_bag, select_frames
-from daptq_ros.drift.bag_io import BagError, write_episodes_bag
+from daptq_ros.drift.bag_io import BagError
+from daptq_ros.drift.bag_writer import write_episodes_bag
 from daptq_ros.runtime.instructions import InstructionTable
 
 NORM = {"proprio_mean": [0.0, 0.6, 0.2, 1.0], "proprio_std": [0.1, 0.1, 0.1, 0.5]}

@@ -13,12 +13,14 @@ from daptq_ros.drift.bag_io import (
     BagError,
     BagFrames,
     BagTopics,
+    typestore,
+)
+from daptq_ros.drift.bag_writer import (
     BagWriter,
     image_msg,
     joint_state_msg,
     string_msg,
     twist_stamped_msg,
-    typestore,
     write_episodes_bag,
 )
 

@@ -9,7 +9,8 @@ import pytest
 from test_drift_fixtures import LinearStepPolicy, export_tiny_artifact, synthetic_episodes, topics
 
 from daptq_ros.cli import main
-from daptq_ros.drift.bag_io import BagFrames, write_episodes_bag
+from daptq_ros.drift.bag_io import BagFrames
+from daptq_ros.drift.bag_writer import write_episodes_bag
 from daptq_ros.drift.replay import ReplayError, frame_noise, replay
 
 

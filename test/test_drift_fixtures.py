@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from daptq_ros.drift.bag_io import BagTopics, EpisodeData
+from daptq_ros.drift.bag_io import BagTopics
+from daptq_ros.drift.bag_writer import EpisodeData
 from daptq_ros.policy_api import Observation
 
 INSTRUCTIONS = ("reach the red goal position", "open the drawer", "press the button from the top")

@@ -70,7 +70,8 @@ def demo_episodes(demo_dir: Path, max_episodes: int | None = None) -> list:
     """Load ``DIR/<task>/*.npz`` demo episodes (architecture: Demo episodes) as EpisodeData."""
     import numpy as np
 
-    from daptq_ros.drift.bag_io import BagError, EpisodeData
+    from daptq_ros.drift.bag_io import BagError
+    from daptq_ros.drift.bag_writer import EpisodeData
 
     files = sorted(demo_dir.glob("*/*.npz"))
     if not files:
@@ -93,7 +94,8 @@ def demo_episodes(demo_dir: Path, max_episodes: int | None = None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daptq_ros.drift.bag_io import BagError, write_episodes_bag
+    from daptq_ros.drift.bag_io import BagError
+    from daptq_ros.drift.bag_writer import write_episodes_bag
     from daptq_ros.drift.config import load_drift_config
 
     try:

@@ -33,7 +33,8 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
-from daptq_ros.drift.bag_io import BagError, BagWriter, typestore
+from daptq_ros.drift.bag_io import BagError, typestore
+from daptq_ros.drift.bag_writer import BagWriter
 
 logger = logging.getLogger(__name__)
 
