@@ -136,3 +136,26 @@ def test_settings_from_arguments(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             bench.make_settings(argparse.Namespace(**{**vars(args), "smoke": False}))
+
+
+def test_autotuner_times_valid_configs_and_respects_the_budget(monkeypatch):
+    from daptq_ros.gpu import kernels
+
+    cfgs = [KernelConfig(block_n=n) for n in (16, 32, 64, 128)]
+    times = {16: 3.0, 32: 1.0, 64: 0.5, 128: 2.0}
+    ref = torch.ones(4)
+    monkeypatch.setattr(kernels, "_can_time_on_device", lambda: True)
+    # the tuner times `lambda c=cfg: run(c)`: read the config back from the lambda's default
+    monkeypatch.setattr(kernels, "_bench_ms", lambda fn: times[fn.__defaults__[0].block_n])
+
+    def run(cfg):
+        return ref * (3.0 if cfg.block_n == 64 else 1.0)  # the fastest config is wrong
+
+    tuner = Autotuner(budget_s=60.0)
+    best = tuner.choose("k", cfgs, run, lambda: ref)
+    assert best.block_n == 32  # fastest *valid* config
+    rec = tuner.records["k"]
+    assert rec.tried == 4 and rec.time_us == pytest.approx(1000.0) and len(rec.rejected) == 1
+    assert 0 < tuner.spent_s < 60
+    spent = Autotuner(budget_s=0.0)  # no budget: the first valid config, untimed
+    assert spent.choose("k", cfgs, run, lambda: ref) is cfgs[0] and spent.records["k"].time_us is None

@@ -212,8 +212,8 @@ class Autotuner:
         """
         if key in self.records:
             return self.records[key].config
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+        capturing = _capturing()
+        on_gpu = _can_time_on_device()
         if capturing or not on_gpu or self.remaining_s() <= 0:
             why = "capturing" if capturing else ("no GPU" if not on_gpu else "budget spent")
             cfg = self._first_valid(key, candidates, run, reference, why)
@@ -254,8 +254,7 @@ class Autotuner:
                      why: str) -> KernelConfig:
         if key in self.records:
             return self.records[key].config
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if capturing:  # cannot check inside a graph capture: take the default untested
+        if _capturing():  # cannot check inside a graph capture: take the default untested
             return candidates[0]
         ref = reference()
         rejected: list[str] = []
@@ -271,6 +270,15 @@ class Autotuner:
                 return cfg
             rejected.append(f"{cfg.short()}: rel err {err:.2e}")
         raise RuntimeError(f"no valid kernel config for {key}: {rejected}")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _can_time_on_device() -> bool:
+    """Tuning times configs only on a real GPU (not under the interpreter)."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _bench_ms(fn: Callable[[], object]) -> float:
