@@ -98,6 +98,14 @@ def test_record_and_read_back(publisher, tmp_path, storage):
     assert len(commands) >= len(frames) - 1
     np.testing.assert_allclose(commands[-1], [0.1, 0.0, -0.1, 1.0], atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bag", "pub.py"]
+    # The publishers' QoS is in the metadata (ros2 bag play re-latches the instruction).
+    from rosbags.interfaces import QosDurability
+    from rosbags.rosbag2 import Reader
+
+    with Reader(out) as reader:
+        qos = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
+    assert [q.durability for q in qos[TOPICS.instruction]] == [QosDurability.TRANSIENT_LOCAL]
+    assert [q.durability for q in qos[TOPICS.image]] == [QosDurability.VOLATILE]
 
 
 def test_record_errors_leave_nothing(ros_env, tmp_path):

@@ -70,8 +70,12 @@ class BagWriter:
         self._connections: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def add_topic(self, topic: str, msgtype: str) -> None:
-        """Register ``topic`` with ``msgtype`` (its definition comes from the Kilted typestore)."""
+    def add_topic(self, topic: str, msgtype: str, offered_qos: Sequence[Any] = ()) -> None:
+        """Register ``topic`` with ``msgtype`` (its definition comes from the Kilted typestore).
+
+        ``offered_qos``: the publishers' QoS (:func:`qos_profile` values), stored in the bag's
+        metadata so ``ros2 bag play`` republishes with them (e.g. a latched instruction).
+        """
         if topic in self._connections:
             if self._connections[topic].msgtype != msgtype:
                 raise BagError(f"topic {topic} already added with type {self._connections[topic].msgtype}")
@@ -81,7 +85,9 @@ class BagWriter:
             raise BagError(
                 f"unknown message type {msgtype!r} for topic {topic}: not in the ROS 2 Kilted typestore"
             )
-        self._connections[topic] = self._writer.add_connection(topic, msgtype, typestore=store)
+        self._connections[topic] = self._writer.add_connection(
+            topic, msgtype, typestore=store, offered_qos_profiles=list(offered_qos)
+        )
         self.counts[topic] = 0
 
     def write_raw(self, topic: str, t_ns: int, data: bytes | memoryview) -> None:
@@ -134,6 +140,24 @@ class BagWriter:
             self.close()
         else:
             self.abort()
+
+
+def qos_profile(reliable: bool, transient_local: bool, depth: int) -> Any:
+    """A rosbags ``Qos`` (offered-QoS metadata entry) with ROS defaults for the other policies."""
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+
+    infinite = QosTime(sec=2147483647, nsec=4294967295)
+    return Qos(
+        history=QosHistory.KEEP_LAST,
+        depth=int(depth),
+        reliability=QosReliability.RELIABLE if reliable else QosReliability.BEST_EFFORT,
+        durability=QosDurability.TRANSIENT_LOCAL if transient_local else QosDurability.VOLATILE,
+        deadline=infinite,
+        lifespan=infinite,
+        liveliness=QosLiveliness.AUTOMATIC,
+        liveliness_lease_duration=infinite,
+        avoid_ros_namespace_conventions=False,
+    )
 
 
 # -------------------------------------------------------------------------------- message builders

@@ -34,7 +34,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 
 from daptq_ros.drift.bag_io import BagError, typestore
-from daptq_ros.drift.bag_writer import BagWriter
+from daptq_ros.drift.bag_writer import BagWriter, qos_profile
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,15 @@ class BagRecorder(Node):
         """Add the connections and subscribe (raw) to every topic."""
         self._writer = writer
         for topic in self.options.topics:
-            writer.add_topic(topic, types[topic])
+            offered = [
+                qos_profile(
+                    p.qos_profile.reliability == ReliabilityPolicy.RELIABLE,
+                    p.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL,
+                    p.qos_profile.depth,
+                )
+                for p in self.get_publishers_info_by_topic(topic)
+            ]
+            writer.add_topic(topic, types[topic], offered)
             qos = self._qos(topic)
             cls = message_class(types[topic])
             self._subs.append(
