@@ -36,8 +36,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flavour",
         choices=("trt", "cpu"),
         default="trt",
-        help="QDQ flavour of a quantized export: trt = S8S8 QDQ (TensorRT rules), "
-        "cpu = weight-only DQ (fast on ORT-CPU); ignored for --checkpoint",
+        help="flavour of a quantized export: trt = S8S8 QDQ (TensorRT rules; runs as DQ + float ops on "
+        "ORT-CPU, slower than FP32), cpu = ORT-CPU integer kernels (MatMulIntegerToFloat, MatMulNBits, "
+        "ConvInteger) with the same integers and scales; ignored for --checkpoint",
+    )
+    parser.add_argument(
+        "--cpu-weight-only",
+        choices=("dynamic", "float", "nbits"),
+        default="dynamic",
+        help="cpu flavour, per-channel layers without an activation scale: dynamic = int8 with run-time "
+        "activation scales (fastest), float = exact weight-only at FP32 speed, nbits = MatMulNBits",
+    )
+    parser.add_argument(
+        "--cpu-accuracy-level",
+        type=int,
+        choices=(0, 4),
+        default=4,
+        help="cpu flavour, MatMulNBits (grouped layers) compute: 4 = int8 (fast), 0 = float (exact)",
+    )
+    parser.add_argument(
+        "--cpu-conv",
+        choices=("integer", "float"),
+        default="integer",
+        help="cpu flavour, convs with an activation scale: integer = ConvInteger with the quantizer's "
+        "input scale, float = dequantized weights folded at load, input kept float",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (QDQ needs >= 21)")
     parser.add_argument(
@@ -98,6 +120,7 @@ def _export_fp(args: argparse.Namespace, checkpoint: Path, out: Path) -> Any:
 
 
 def _export_quantized(args: argparse.Namespace) -> Any:
+    from daptq_ros.export.cpu import CpuOptions
     from daptq_ros.export.qdq import export_qdq
     from daptq_ros.export.quantized import float_twin, read_quantized
     from daptq_ros.model.io import NormStats
@@ -106,7 +129,7 @@ def _export_quantized(args: argparse.Namespace) -> Any:
     if ckpt.token_act_layers and args.flavour == "trt":
         raise ExportError(
             f"layers {ckpt.token_act_layers} use dynamic per-token activations, which have no static QDQ "
-            "form for TensorRT; export with --flavour cpu (weight-only) or re-quantize with "
+            "form for TensorRT; export with --flavour cpu (run-time activation scales) or re-quantize with "
             "act_granularity: tensor"
         )
     model = float_twin(ckpt)
@@ -133,6 +156,9 @@ def _export_quantized(args: argparse.Namespace) -> Any:
             budget=ckpt.budget,
             avg_bits=ckpt.avg_bits,
             extra_config={"recipe": ckpt.meta.get("recipe", {})},
+            cpu_options=CpuOptions(
+                weight_only=args.cpu_weight_only, accuracy_level=args.cpu_accuracy_level, conv=args.cpu_conv
+            ),
         )
 
 

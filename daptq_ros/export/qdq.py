@@ -18,6 +18,7 @@ linear uses the ``B[K, N]`` layout (ORT fuses only MatMul with a DQ'd constant B
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from daptq_ros.export.onnx_export import ExportError, check_model, set_model_metadata
+from daptq_ros.export.onnx_export import ExportError, check_model, set_model_metadata, strip_debug_metadata
 from daptq_ros.runtime.manifest import (
     INSTRUCTIONS_NAME,
     MODEL_NAME,
@@ -124,7 +125,14 @@ class LayerQuant:
             q = q - zero.astype(np.float32)
         return (q * scale).reshape(self.w_int.shape).astype(np.float32)
 
-    def manifest_entry(self, flavour: str) -> dict[str, Any]:
+    def manifest_entry(self, flavour: str, kernel: str | None = None, accuracy_level: int = 4) -> dict[str, Any]:
+        """Manifest ``layers`` entry; ``kernel`` is the CPU-flavour kernel (``daptq_ros.export.cpu``).
+
+        ``a_bits``/``act_granularity`` describe what the artifact computes: ``tensor`` = the
+        quantizer's static per-tensor scale, ``dynamic_tensor``/``dynamic_block`` = int8
+        activations quantized by ORT at run time; ``a_bits_quantizer`` records a static scale
+        the quantizer had but the kernel does not use.
+        """
         entry: dict[str, Any] = {
             "w_bits": self.w_bits,
             "group_size": self.group_size,
@@ -132,8 +140,16 @@ class LayerQuant:
             "symmetric": self.zero is None,
             "storage": f"int{self.storage_bits}",
         }
-        if flavour == "cpu" and self.input_scale is not None:
-            entry["a_bits_quantizer"] = 8
+        if flavour == "cpu":
+            entry["kernel"] = kernel or "dq"
+            granularity = {"int8": "tensor", "conv_int": "tensor", "dynamic": "dynamic_tensor"}.get(entry["kernel"])
+            if entry["kernel"] == "nbits" and accuracy_level == 4:
+                granularity = "dynamic_block"
+            if granularity is not None:
+                entry["a_bits"] = 8
+                entry["act_granularity"] = granularity
+            if self.input_scale is not None and granularity != "tensor":
+                entry["a_bits_quantizer"] = 8
         if self.channel_bits is not None:
             entry["channel_bits"] = list(self.channel_bits)
         return entry
@@ -229,6 +245,7 @@ class _Rewriter:
         self.act_qdq: dict[tuple[str, float], str] = {}
         self.weight_dq_out: dict[tuple[str, str], str] = {}
         self.counts = {"DequantizeLinear": 0, "QuantizeLinear": 0}
+        self.removed: set[int] = set()  # ids of nodes absorbed by a rewritten node (bias Add)
 
     def _init(self, name: str, array: np.ndarray) -> str:
         self.new_inits.append(numpy_helper.from_array(array, name))
@@ -337,7 +354,8 @@ class _Rewriter:
         nodes = []
         for node in graph.node:
             nodes.extend(self.before.get(id(node), []))
-            nodes.append(node)
+            if id(node) not in self.removed:
+                nodes.append(node)
             nodes.extend(self.after.get(id(node), []))
         # Drop nodes left without consumers (the Transpose(W) feeding a now-quantized MatMul).
         outputs = {o.name for o in graph.output}
@@ -374,8 +392,19 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     return ordered
 
 
-def rewrite_qdq(model: onnx.ModelProto, plan: Sequence[LayerQuant], flavour: str = "trt") -> dict[str, int]:
-    """Rewrite ``model`` in place to QDQ form per ``plan``; returns inserted node counts.
+def rewrite_qdq(
+    model: onnx.ModelProto,
+    plan: Sequence[LayerQuant],
+    flavour: str = "trt",
+    cpu_options: Any = None,
+    kernels: dict[str, str] | None = None,
+    prefixes: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Rewrite ``model`` in place per ``plan``; returns inserted node counts.
+
+    ``trt``: standard QDQ (TensorRT rules). ``cpu``: ORT-CPU kernels carrying the same integers
+    and scales (:mod:`daptq_ros.export.cpu`, options ``cpu_options``); the chosen kernel and the
+    short tensor-name prefix per layer are written into ``kernels`` / ``prefixes`` when given.
 
     Raises:
         ExportError: a layer is missing from the graph or its weight shape disagrees.
@@ -385,7 +414,17 @@ def rewrite_qdq(model: onnx.ModelProto, plan: Sequence[LayerQuant], flavour: str
     by_name = {lq.name: lq for lq in plan}
     if len(by_name) != len(plan):
         raise ExportError("quant plan lists a layer twice")
+    _ensure_opset(model)
     matches = match_layers(model, by_name)
+    if flavour == "cpu":
+        from daptq_ros.export.cpu import rewrite_cpu
+
+        counts, chosen, names = rewrite_cpu(model, matches, by_name, cpu_options)
+        if kernels is not None:
+            kernels.update(chosen)
+        if prefixes is not None:
+            prefixes.update(names)
+        return counts
     rw = _Rewriter(model, flavour)
     for name, nodes in matches.items():
         lq = by_name[name]
@@ -394,7 +433,6 @@ def rewrite_qdq(model: onnx.ModelProto, plan: Sequence[LayerQuant], flavour: str
         for call, node in enumerate(nodes):
             rw.rewrite(node, lq, call)
     rw.finish()
-    _ensure_opset(model)
     return rw.counts
 
 
@@ -440,6 +478,7 @@ def export_qdq(
     budget: float | None = None,
     avg_bits: float | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    cpu_options: Any = None,
 ) -> Manifest:
     """Write a QDQ artifact from an FP32 artifact directory and a per-layer quant plan.
 
@@ -453,13 +492,22 @@ def export_qdq(
         budget: average-bit budget given to the quantizer.
         avg_bits: the quantizer's reported average bits (default: computed over graph weights).
         extra_config: provenance merged into the manifest's ``config`` (e.g. the recipe).
+        cpu_options: :class:`daptq_ros.export.cpu.CpuOptions` for the ``cpu`` flavour.
     """
     import shutil
 
     fp_artifact, out_dir = Path(fp_artifact), Path(out_dir)
     fp_manifest = read_manifest(fp_artifact)
     model = onnx.load(str(fp_artifact / MODEL_NAME))
-    counts = rewrite_qdq(model, plan, flavour=flavour)
+    kernels: dict[str, str] = {}
+    prefixes: dict[str, str] = {}
+    if flavour == "cpu" and cpu_options is None:
+        from daptq_ros.export.cpu import CpuOptions
+
+        cpu_options = CpuOptions()
+    counts = rewrite_qdq(
+        model, plan, flavour=flavour, cpu_options=cpu_options, kernels=kernels, prefixes=prefixes
+    )
     set_model_metadata(
         model,
         {
@@ -468,6 +516,7 @@ def export_qdq(
             "daptq.layers": json.dumps({lq.name: lq.w_bits for lq in plan}),
         },
     )
+    strip_debug_metadata(model, keep=())  # the deployed graph needs no module scopes
     check_model(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_dir / MODEL_NAME))
@@ -476,6 +525,10 @@ def export_qdq(
     config = dict(fp_manifest.config)
     config.update(extra_config or {})
     config["qdq"] = counts
+    if flavour == "cpu":
+        config["cpu_kernels"] = dict(sorted(kernels.items()))
+        config["cpu_tensor_prefixes"] = prefixes
+        config["cpu_options"] = dataclasses.asdict(cpu_options)
     manifest = Manifest(
         model_sha256=sha256_file(out_dir / MODEL_NAME),
         inputs=fp_manifest.inputs,
@@ -487,7 +540,12 @@ def export_qdq(
         method=method,
         budget=budget,
         avg_bits=float(avg_bits if avg_bits is not None else weight_bits_summary(model, plan)),
-        layers={lq.name: lq.manifest_entry(flavour) for lq in plan},
+        layers={
+            lq.name: lq.manifest_entry(
+                flavour, kernels.get(lq.name), getattr(cpu_options, "accuracy_level", 4)
+            )
+            for lq in plan
+        },
         flavour=flavour,
         opset=fp_manifest.opset,
         exporter=fp_manifest.exporter,

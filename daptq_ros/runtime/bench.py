@@ -1,11 +1,14 @@
 """`daptq bench`: side-by-side batch-1 ONNX Runtime latency, size and memory of artifacts.
 
 All artifacts are measured in one process, in interleaved rounds (so background load hits every
-artifact alike), after a warm-up. Ratios are relative to the first artifact (normally FP32).
-Example::
+artifact alike), after a warm-up. Ratios are relative to the first artifact (normally FP32):
+``latency ratio`` is the median over rounds of (artifact median / first median) within the same
+round, which cancels load that changes between rounds; ``speed-up`` is the ratio of the overall
+medians. ``size / FP16`` compares each model file with the first artifact's graph re-serialized
+with float16 initializers (what an FP16 export would weigh). Example::
 
-    daptq bench --artifacts artifacts/fp32 artifacts/daptq_w4 --runs 200 --warmup 20 --threads 2 \
-        --json bench.json
+    daptq bench --artifacts artifacts/fp32 artifacts/w8a8 artifacts/w4a8 artifacts/mixed \
+        --runs 400 --rounds 40 --threads 1 --json bench.json
 """
 
 from __future__ import annotations
@@ -29,6 +32,21 @@ from daptq_ros.runtime.session import PolicySession
 logger = logging.getLogger(__name__)
 
 HELP = "side-by-side latency/size benchmarks (ONNX Runtime CPU, torch GPU)"
+# Op types worth showing from the ORT-optimized graph (quantized kernels vs runtime dequantize).
+KERNEL_OPS = (
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMul",
+    "FusedMatMul",
+    "Gemm",
+    "Conv",
+)
 
 
 @dataclass
@@ -49,6 +67,12 @@ class BenchResult:
     peak_rss_delta_mb: float
     speedup_vs_first: float = 1.0
     size_ratio_vs_first: float = 1.0
+    size_vs_fp16: float = float("nan")
+    latency_ratio: float = 1.0
+    latency_ratio_p25: float = 1.0
+    latency_ratio_p75: float = 1.0
+    kernels: dict[str, int] = field(default_factory=dict)
+    runtime_ops: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -100,6 +124,46 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def runtime_op_counts(artifact: str | Path, threads: int | None = 1) -> dict[str, int]:
+    """Op types of the graph ORT-CPU actually runs (after its graph optimizations).
+
+    Shows whether quantized layers became integer kernels (MatMulIntegerToFloat, MatMulNBits, ...)
+    or stayed ``DequantizeLinear`` + float ops executed at every inference.
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from daptq_ros.runtime.session import QDQ_DISABLED_OPTIMIZERS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(
+            str(Path(artifact) / MODEL_NAME),
+            opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(QDQ_DISABLED_OPTIMIZERS),
+        )
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _fp16_bytes(artifact: str | Path) -> int:
+    import onnx
+
+    from daptq_ros.export.onnx_export import fp16_export_bytes
+
+    return fp16_export_bytes(onnx.load(str(Path(artifact) / MODEL_NAME)))
+
+
 def _random_feeds(session: PolicySession, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -120,8 +184,9 @@ def benchmark(
     runs: int = 200,
     warmup: int = 20,
     threads: int | None = None,
-    rounds: int = 5,
+    rounds: int = 20,
     providers: list[str] | None = None,
+    runtime_ops: bool = False,
 ) -> tuple[list[BenchResult], dict[str, Any]]:
     """Measure every artifact; returns per-artifact results and the machine description.
 
@@ -130,8 +195,9 @@ def benchmark(
         runs: timed batch-1 runs per artifact (split across ``rounds``).
         warmup: untimed runs per artifact before timing.
         threads: ORT intra-op threads (None = ORT default).
-        rounds: interleaving rounds.
+        rounds: interleaving rounds (every artifact runs ``runs / rounds`` times per round).
         providers: allowed execution providers (default TensorRT > CUDA > CPU).
+        runtime_ops: also record the op types of the ORT-optimized graph (CPU provider).
     """
     if runs < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"runs must be >= 1, warmup >= 0 and rounds >= 1; got {runs}, {warmup}, {rounds}")
@@ -150,17 +216,28 @@ def benchmark(
         sessions.append(session)
         feeds.append(feed)
     lat: list[list[float]] = [[] for _ in sessions]
+    round_medians: list[list[float]] = [[] for _ in sessions]
     per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
     for n in per_round:
+        if n == 0:
+            continue
         for idx, session in enumerate(sessions):
+            times = []
             for _ in range(n):
                 start = time.perf_counter()
                 session.run(feeds[idx])
-                lat[idx].append((time.perf_counter() - start) * 1e3)
+                times.append((time.perf_counter() - start) * 1e3)
+            lat[idx].extend(times)
+            round_medians[idx].append(float(np.median(times)))
     results = []
-    for path, session, times, mem in zip(artifacts, sessions, lat, rss, strict=True):
+    for idx, (path, session, times, mem) in enumerate(zip(artifacts, sessions, lat, rss, strict=True)):
         arr = np.asarray(times)
         m = session.manifest
+        paired = np.asarray(round_medians[idx]) / np.asarray(round_medians[0])
+        cpu_kernels = m.config.get("cpu_kernels") if isinstance(m.config, dict) else None
+        kernels: dict[str, int] = {}
+        for kernel in (cpu_kernels or {}).values():
+            kernels[str(kernel)] = kernels.get(str(kernel), 0) + 1
         results.append(
             BenchResult(
                 artifact=str(path),
@@ -175,14 +252,26 @@ def benchmark(
                 mean_ms=float(arr.mean()),
                 min_ms=float(arr.min()),
                 peak_rss_delta_mb=mem,
+                latency_ratio=float(np.median(paired)),
+                latency_ratio_p25=float(np.percentile(paired, 25)),
+                latency_ratio_p75=float(np.percentile(paired, 75)),
+                kernels=kernels,
+                runtime_ops=runtime_op_counts(path, threads) if runtime_ops else {},
                 latencies_ms=[round(t, 4) for t in times],
             )
         )
     first = results[0]
+    fp16 = _fp16_bytes(artifacts[0]) if first.flavour == "fp32" else None
     for r in results:
         r.speedup_vs_first = first.median_ms / r.median_ms
         r.size_ratio_vs_first = r.model_bytes / first.model_bytes
+        if fp16:
+            r.size_vs_fp16 = r.model_bytes / fp16
     return results, machine_info(sessions[0].provider)
+
+
+def _kernel_ops(counts: dict[str, int]) -> dict[str, int]:
+    return {op: counts[op] for op in KERNEL_OPS if counts.get(op)}
 
 
 def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads: int | None) -> str:
@@ -192,17 +281,27 @@ def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads:
         f"{machine['cores']} cores, "
         f"onnxruntime {machine['onnxruntime']}, {machine['provider']}, threads={threads or 'default'}",
         "",
-        "| artifact | method | flavour | avg bits | size KiB | size ratio | median ms | p99 ms | speed-up | "
-        "peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | method | flavour | avg bits | size KiB | size ratio | size / FP16 | median ms | p99 ms | "
+        "latency ratio [p25-p75] | speed-up | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        fp16 = f"{r.size_vs_fp16:.3f}" if np.isfinite(r.size_vs_fp16) else "-"
         lines.append(
             f"| {Path(r.artifact).name} | {r.method} | {r.flavour} | {r.avg_bits:.2f} | "
-            f"{r.model_bytes / 1024:.0f} | "
-            f"{r.size_ratio_vs_first:.3f} | {r.median_ms:.3f} | {r.p99_ms:.3f} | {r.speedup_vs_first:.2f}x | "
-            f"{r.peak_rss_delta_mb:.1f} |"
+            f"{r.model_bytes / 1024:.0f} | {r.size_ratio_vs_first:.3f} | {fp16} | "
+            f"{r.median_ms:.3f} | {r.p99_ms:.3f} | "
+            f"{r.latency_ratio:.3f} [{r.latency_ratio_p25:.3f}-{r.latency_ratio_p75:.3f}] | "
+            f"{r.speedup_vs_first:.2f}x | {r.peak_rss_delta_mb:.1f} |"
         )
+    kernel_lines = [
+        f"- {Path(r.artifact).name}: kernels {r.kernels or '-'}"
+        + (f"; ORT runs {_kernel_ops(r.runtime_ops)}" if r.runtime_ops else "")
+        for r in results
+        if r.kernels or r.runtime_ops
+    ]
+    if kernel_lines:
+        lines += ["", *kernel_lines]
     return "\n".join(lines)
 
 
@@ -217,12 +316,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per artifact (>= 200 recommended)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs per artifact")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="interleaved measurement rounds (paired ratios per round)"
+    )
     parser.add_argument(
         "--providers",
         nargs="+",
         default=None,
         help="allowed execution providers (tensorrt, cuda, cpu); default all present",
+    )
+    parser.add_argument(
+        "--runtime-ops",
+        action="store_true",
+        help="also list the op types ORT-CPU runs after graph optimization (fused kernels vs DQ)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write results (with raw latencies) here")
 
@@ -240,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             rounds=args.rounds,
             providers=args.providers,
+            runtime_ops=args.runtime_ops,
         )
     except (ArtifactError, ManifestError, ValueError) as err:
         logger.error("bench failed: %s", err)
