@@ -61,7 +61,8 @@ def test_cli_smoke_run_learns_and_writes_a_loadable_checkpoint(data, tmp_path):
     loaded = load_checkpoint(out)
     assert loaded.config.head == "flow" and loaded.config.image_size == 32
     meta = loaded.meta["train"]
-    assert "daptq train" in meta["command"] and meta["seed"] == 0 and meta["git"]
+    assert meta["command"].startswith("daptq train ") and f"--demos {data / 'demos'}" in meta["command"]
+    assert "--seed 0" in meta["command"] and meta["seed"] == 0 and meta["git"]
     assert meta["selected_by"] == "val_loss" and meta["val_loss"] == pytest.approx(min(val_losses))
     assert sorted(loaded.instructions) == sorted(synthetic_cache().instructions)
     assert (out.parent / "instructions.safetensors").is_file()

@@ -52,6 +52,24 @@ def load_model_file(path: str | Path | None) -> tuple[VLAConfig, TrainConfig]:
     return model, train
 
 
+def canonical_command(args: argparse.Namespace) -> str:
+    """The run as one explicit ``daptq train`` command line (every option, resolved), plus argv.
+
+    Reconstructed from the parsed options, so it is exact however the command was invoked
+    (``daptq``, ``python -m daptq_ros.cli`` or from Python); the raw ``sys.argv`` is appended.
+    """
+    parts = ["daptq", "train"]
+    for key, value in sorted(vars(args).items()):
+        if key == "verbose" or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            parts += [flag, str(value)]
+    return f"{shlex.join(parts)}  # argv: {shlex.join(sys.argv)}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `daptq train` options."""
     parser.add_argument("--demos", required=True, type=Path, help="demo directory (DIR/<task>/*.npz)")
@@ -141,11 +159,7 @@ def run(args: argparse.Namespace) -> int:
         eval_workers=args.eval_workers,
         eval_seed=SELECTION_SEED_START if args.eval_seed is None else args.eval_seed,
         log_json=args.log_json,
-        command=shlex.join(
-            ["daptq", "train", *sys.argv[1:]]
-            if Path(sys.argv[0]).name != "daptq"
-            else ["daptq", *sys.argv[1:]]
-        ),
+        command=canonical_command(args),
         eval_tasks=args.eval_tasks,
         init=args.init,
         time_limit_s=args.time_limit,
