@@ -66,7 +66,7 @@ def test_markdown_tables():
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[0].startswith("| model | params | M | variant |")
-    assert "| trunk-302m | 302 | 16 | w4a16_g128 | ok | 0.2500 |" in table
+    assert "| trunk-302m | 302.0 | 16 | w4a16_g128 | ok | 0.2500 |" in table
     assert "| error | – |" in table  # missing numbers render as a dash
     targets = report.targets_table(report.target_summary(rows))
     assert "| trunk-302m | 16 | w4a16_g128 | 0.2500 | 2.00 | yes |" in targets and "| NO |" in targets
@@ -159,3 +159,9 @@ def test_autotuner_times_valid_configs_and_respects_the_budget(monkeypatch):
     assert 0 < tuner.spent_s < 60
     spent = Autotuner(budget_s=0.0)  # no budget: the first valid config, untimed
     assert spent.choose("k", cfgs, run, lambda: ref) is cfgs[0] and spent.records["k"].time_us is None
+    small = Autotuner(budget_s=60.0)  # a small layer: untimed as well
+    assert small.choose("k", cfgs, run, lambda: ref, tune=False) is cfgs[0]
+    # every candidate wrong: the fallbacks are tried (untimed) and the rejections kept
+    fallback = KernelConfig(block_n=32, mode=2)
+    chosen = tuner.choose("k3", [cfgs[2]], run, lambda: ref, fallbacks=[fallback])
+    assert chosen is fallback and "rel err" in tuner.records["k3"].rejected[0]

@@ -261,7 +261,7 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
             try:
                 _check(row, model, ref, ref_orig, spec, m, bf16_err)
                 _time(row, model, spec, m, settings)
-                row["status"] = "ok"
+                row["status"] = "ok" if row["valid"] else "invalid"
             except Exception as exc:
                 log.exception("%s/%s/M=%d failed", spec.name, variant, m)
                 row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:500]}")
@@ -320,7 +320,7 @@ def _check(row: dict[str, Any], model: nn.Module, ref: nn.Module, ref_orig: nn.M
         bf16_err[m] = err
     band = report.error_band(bf16_err.get(m))
     row["err_band"] = band
-    row["valid"] = bool(err <= band)
+    row["valid"] = bool(err <= band)  # _time() then marks an invalid row's status "invalid"
     if not row["valid"]:
         log.warning("%s %s M=%d: rel err %.3e outside band %.1e -> invalid", row["model"], row["variant"], m,
                     err, band)
@@ -447,14 +447,22 @@ def _print_summary(info: dict, ceilings: dict, rows: list, summary: list, path: 
             plots.append(str(p))
     machine = (f"{info.get('gpu') or 'CPU'} | driver/clocks {info.get('nvidia_smi', '–')} "
                f"| torch {info['torch']} | triton {info.get('triton')} | CUDA {info.get('cuda_runtime')}")
+    measured = [r for r in rows if r.get("status") in ("ok", "invalid")]
+    missing = sorted({f"{r['model']}/{r['variant']}: {r.get('status')} ({str(r.get('error'))[:80]})"
+                      for r in rows if r.get("status") not in ("ok", "invalid")})
+    # Full table first; the compact summary comes last (a caller may only see the output's tail).
     lines = [
-        "", "## GPU benchmark: bf16 vs quantized matmuls at batch 1", "",
+        "", "## GPU benchmark, all rows (bf16 vs quantized matmuls at batch 1)", "",
+        report.markdown_table(rows), "",
+        "## GPU benchmark summary", "",
         f"Machine: {machine}",
         f"Ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, read {ceilings['read_gbs']:.0f} GB/s "
         f"(floor uses {ceilings['bw_gbs']:.0f} GB/s), bf16 GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s",
         f"Latency: median of {settings.replays} CUDA-graph replays rotating {settings.rotate} input sets; "
-        "'trunk' = full forward, 'lin' = the model's Linears alone; floor = weight bytes / bandwidth.",
-        "", report.markdown_table(rows), "",
+        "'trunk' = full forward, 'lin' = the model's Linears alone; floor = weight bytes / bandwidth; "
+        "rel err vs the variant's own float32 reference.", "",
+        report.markdown_table(measured, report.COMPACT_COLUMNS), "",
+        "Not measured: " + ("; ".join(missing) if missing else "none"), "",
         f"### Targets (VLA-sized trunk, full forward): ≥{report.TARGET_SPEEDUP}× over bf16 and "
         f"≤{report.TARGET_X_FLOOR}× the bandwidth floor", "",
         report.targets_table(summary) if summary else "(no valid quantized VLA-sized result)", "",

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import ModuleType
 
 import torch
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # A config whose output differs from the float32 reference by more than this is rejected:
 # bf16 output rounding alone is ~2e-3 (METHOD.md: bf16 operands land between 1e-3 and 1e-2).
 TUNE_REL_ERR_MAX = 1e-2
+# Layers smaller than this take the first valid config untimed: they are launch-bound (the
+# reference policy's 192-wide Linears) and tuning them would only spend the compile budget.
+TUNE_MIN_BYTES = 1 << 20
 # torch._int_mm (cuBLASLt) needs more than 16 rows; we pad M up to a multiple of 8, at least 32.
 _INT_MM_MIN_M = 32
 
@@ -127,32 +130,46 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
     bn_big, bn_small = (128, 64) if n >= 1024 else (64, 128)
     bucket = m_bucket(m)
     bm = min(bucket, 64)
-    # (BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, MODE): the default first, then other tiles, then the
-    # other dequantizations / orientation once each (a handful: every distinct tile is a compile).
+    # (BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, MODE): the default first, then a few other tiles and the
+    # conversion-based dequantization once. Every distinct tile is a compile (~1 s), so the set is
+    # small and aimed at the memory-bound small-M buckets.
     base: list[tuple[int, int, int, bool, int]] = [(bm, bn_big, bk_max, True, 1)]
     if not quick:
-        base += [(bm, bn_small, bk_max, True, 1), (bm, bn_big, bk_min, True, 1)]
+        if bucket <= 64:
+            base += [(bm, bn_small, bk_max, True, 1)]
+        if bucket <= 32:
+            base += [(bm, bn_big, bk_min, True, 1)]
         if bucket >= 128:
-            base += [(128, bn_big, bk_max, True, 1)]
-    base += [(bm, bn_big, bk_max, True, 0)]
-    if not quick:
-        base += [(bm, bn_big, bk_max, True, 2)] if bucket <= 32 else [(bm, bn_big, bk_max, False, 1)]
+            base += [(128, bn_big, bk_max, True, 1), (bm, bn_big, bk_max, False, 1)]
+    if bucket <= 64:
+        base += [(bm, bn_big, bk_max, True, 0)]
     out: list[KernelConfig] = []
     for tile in dict.fromkeys(base):
         bm_, bn_, bk_, swap, mode = tile
         warps = 8 if bm_ * bn_ >= 128 * 128 else 4
         stages = pipeline_stages(kind, bm_, bn_, bk_)
         split = default_split_k(m, n, k // bk_, bm_, bn_, sm_count)
-        splits = [split] if quick else [split, max(1, split // 2), split * 2]
-        if bucket >= 64 and not quick:  # many tokens: the workspace traffic may outweigh the split
-            splits.append(1)
+        if quick:
+            splits = [split]
+        elif bucket <= 32:
+            splits = [split, max(1, split // 2), split * 2]
+        else:  # many tokens: the workspace traffic may outweigh the split
+            splits = [split, 1] + ([split // 2] if split >= 4 else [])
         for sk in dict.fromkeys(splits):
             if sk > 1 and k // bk_ < 2 * sk:
                 continue
             out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages))
-            if sk > 1 and tile == base[0] and not quick:  # the two-launch reduction, for comparison
+            if sk == split > 1 and tile == base[0] and not quick:  # the two-launch reduction
                 out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages, serial=False))
     return out
+
+
+def fallback_configs(kind: str, m: int, n: int, k: int, group: int = 0,
+                     sm_count: int = 132) -> list[KernelConfig]:
+    """Configs tried only when every candidate failed: bf16 operands (mode 2, safe for activations
+    beyond the fp16 range) and the plain two-launch split-K."""
+    first = candidate_configs(kind, m, n, k, group, sm_count, quick=True)[0]
+    return [replace(first, mode=2), replace(first, mode=2, split_k=1), replace(first, serial=False)]
 
 
 # Shared memory the software pipeline may use (H100: 227 KB per block; the rest is left for
@@ -201,7 +218,8 @@ class Autotuner:
         return max(0.0, self.budget_s - self.spent_s)
 
     def choose(self, key: str, candidates: list[KernelConfig], run: Callable[[KernelConfig], torch.Tensor],
-               reference: Callable[[], torch.Tensor]) -> KernelConfig:
+               reference: Callable[[], torch.Tensor], fallbacks: list[KernelConfig] | None = None,
+               tune: bool = True) -> KernelConfig:
         """Return the cached config for ``key`` or tune one.
 
         Args:
@@ -209,15 +227,17 @@ class Autotuner:
             candidates: configs to try, default first.
             run: launches the kernel with a config on the tuning inputs and returns its output.
             reference: returns the float32-accurate expected output on the same inputs.
+            fallbacks: configs tried (untimed) only when every candidate fails.
+            tune: False takes the first valid candidate without timing (small layers).
         """
         if key in self.records:
             return self.records[key].config
         capturing = _capturing()
         on_gpu = _can_time_on_device()
-        if capturing or not on_gpu or self.remaining_s() <= 0:
-            why = "capturing" if capturing else ("no GPU" if not on_gpu else "budget spent")
-            cfg = self._first_valid(key, candidates, run, reference, why)
-            return cfg
+        if capturing or not on_gpu or not tune or self.remaining_s() <= 0:
+            why = ("capturing" if capturing else "no GPU" if not on_gpu else "small layer" if not tune
+                   else "budget spent")
+            return self._first_valid(key, [*candidates, *(fallbacks or [])], run, reference, why)
         t0 = time.perf_counter()
         ref = reference()
         best: tuple[float, KernelConfig] | None = None
@@ -243,7 +263,10 @@ class Autotuner:
                 best = (t_ms, cfg)
         self.spent_s += time.perf_counter() - t0
         if best is None:
-            raise RuntimeError(f"no valid kernel config for {key}: {rejected}")
+            log.warning("%s: no candidate valid, trying fallbacks: %s", key, rejected)
+            cfg = self._first_valid(key, fallbacks or [], run, reference, "all candidates failed")
+            self.records[key].rejected[:0] = rejected
+            return cfg
         self.records[key] = TuneRecord(key, best[1], best[0] * 1e3, tried, rejected)
         log.info("tuned %s -> %s (%.1f us, %d tried, %.0f s budget left)", key, best[1].short(),
                  best[0] * 1e3, tried, self.remaining_s())
@@ -281,29 +304,44 @@ def _can_time_on_device() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _bench_ms(fn: Callable[[], object]) -> float:
-    """Median device time of ``fn`` in ms: ``triton.testing.do_bench`` (events, L2 flushed between
-    runs) on a CUDA-graph replay of ``fn`` where it captures, so host launch overhead (our Python
-    wrapper, two launches with split-K) does not leak into the comparison of configs."""
-    from triton.testing import do_bench
+_FLUSH: dict[str, torch.Tensor] = {}
+_BENCH_REPS = 25
 
+
+def _bench_ms(fn: Callable[[], object]) -> float:
+    """Median device time of ``fn`` in ms over a fixed number of runs, each timed alone with CUDA
+    events after a 256 MB write that evicts the L2 (weights stream from HBM as in the model).
+
+    ``fn`` is captured into a CUDA graph when it can be, so host launch overhead (our Python
+    wrapper, two launches with the two-launch split-K) does not leak into the comparison.
+    A fixed count (not ``do_bench``'s time-based one) keeps a 3 µs kernel from costing 2000 runs.
+    """
     target: Callable[[], object] = fn
-    graph = None
-    if torch.cuda.is_available():
-        try:
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            target = graph.replay
-        except Exception as exc:
-            log.debug("tuning without a graph: %s", exc)
-            graph, target = None, fn
+    fn()
+    torch.cuda.synchronize()
     try:
-        return float(do_bench(target, warmup=2, rep=6, return_mode="median"))
-    except TypeError:  # older signature without return_mode
-        return float(do_bench(target, warmup=2, rep=6, quantiles=[0.5])[0])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        target = graph.replay
+    except Exception as exc:  # fall back to eager launches
+        log.debug("tuning without a graph: %s", exc)
+    dev = str(torch.cuda.current_device())
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        flush = _FLUSH[dev] = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        target()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(_BENCH_REPS)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(_BENCH_REPS)]
+    for s, e in zip(starts, ends, strict=True):
+        flush.zero_()
+        s.record()
+        target()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    return times[len(times) // 2]
 
 
 _TUNER = Autotuner()
@@ -397,14 +435,21 @@ def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight, bi
     x2 = _check_x(x, k)
     m = x2.shape[0]
     if config is None:
+        tuner = get_tuner()
         group = weight.group_size if isinstance(weight, Int4Weight) else 0
         key = f"{kind}|M{m_bucket(m)}|N{n}|K{k}|G{group}"
-        cands = candidate_configs(kind, m, n, k, group, _sm_count(x2.device), get_tuner().quick)
-        config = get_tuner().choose(
-            key, cands,
-            run=lambda c: launch_weight_only(kind, x2, weight, bias, c),
-            reference=lambda: reference_linear(x2, weight.dequantize(torch.float32), bias, torch.float32),
-        )
+        record = tuner.records.get(key)
+        if record is not None:
+            config = record.config
+        else:
+            sms = _sm_count(x2.device)
+            config = tuner.choose(
+                key, candidate_configs(kind, m, n, k, group, sms, tuner.quick),
+                run=lambda c: launch_weight_only(kind, x2, weight, bias, c),
+                reference=lambda: reference_linear(x2, weight.dequantize(torch.float32), bias, torch.float32),
+                fallbacks=fallback_configs(kind, m, n, k, group, sms),
+                tune=weight.nbytes >= TUNE_MIN_BYTES,
+            )
     out = launch_weight_only(kind, x2, weight, bias, config)
     return out.reshape(*x.shape[:-1], n)
 

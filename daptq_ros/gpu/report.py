@@ -103,13 +103,22 @@ def _fmt(v: Any, spec: str) -> str:
 
 # (header, row key, format spec)
 TABLE_COLUMNS: list[tuple[str, str, str]] = [
-    ("model", "model", ""), ("params", "params_m", ".0f"), ("M", "M", ""), ("variant", "variant", ""),
+    ("model", "model", ""), ("params", "params_m", ".1f"), ("M", "M", ""), ("variant", "variant", ""),
     ("status", "status", ""), ("trunk ms", "trunk_ms", ".4f"), ("linears ms", "linears_ms", ".4f"),
     ("× bf16 (trunk)", "speedup_trunk", ".2f"), ("× bf16 (lin)", "speedup_linears", ".2f"),
     ("weight MB", "weight_mb", ".1f"), ("floor ms", "floor_ms", ".4f"),
     ("GEMM floor ms", "compute_floor_ms", ".4f"),
     ("trunk/floor", "x_floor_trunk", ".2f"), ("lin/floor", "x_floor_linears", ".2f"),
     ("rel err", "rel_err_kernel", ".1e"), ("quant err", "rel_err_quant", ".1e"),
+]
+
+
+# The summary printed last: fewer columns.
+COMPACT_COLUMNS: list[tuple[str, str, str]] = [
+    ("model", "model", ""), ("M", "M", ""), ("variant", "variant", ""), ("status", "status", ""),
+    ("trunk ms", "trunk_ms", ".4f"), ("lin ms", "linears_ms", ".4f"), ("×bf16", "speedup_trunk", ".2f"),
+    ("×bf16 lin", "speedup_linears", ".2f"), ("/floor", "x_floor_trunk", ".2f"),
+    ("lin/floor", "x_floor_linears", ".2f"), ("err", "rel_err_kernel", ".0e"),
 ]
 
 
