@@ -165,3 +165,14 @@ def test_autotuner_times_valid_configs_and_respects_the_budget(monkeypatch):
     fallback = KernelConfig(block_n=32, mode=2)
     chosen = tuner.choose("k3", [cfgs[2]], run, lambda: ref, fallbacks=[fallback])
     assert chosen is fallback and "rel err" in tuner.records["k3"].rejected[0]
+
+
+def test_time_graphs_host_fallback_rotates_inputs():
+    from daptq_ros.gpu import timing
+
+    seen = []
+    out = timing.time_graphs(lambda x: seen.append(int(x)), [torch.tensor(0), torch.tensor(1)],
+                             torch.device("cpu"), replays=6, warmup=2)
+    assert out["graphs"] is False and out["replays"] == 6
+    assert out["min_ms"] <= out["median_ms"] <= out["p90_ms"]
+    assert seen[-8:] == [0, 1] * 4  # warm-up + timed replays alternate between the input sets

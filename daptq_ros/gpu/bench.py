@@ -222,7 +222,10 @@ def _linear_chain(model: nn.Module, m: int, dev: torch.device,
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:  # a broken CUDA context must not hide the results gathered so far
+            log.error("emptying the CUDA cache failed: %s", exc)
 
 
 @torch.no_grad()

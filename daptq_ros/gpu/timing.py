@@ -106,21 +106,12 @@ def time_graphs(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.d
     steps: list[Callable[[], Any]]
     graphs = use_graphs and device.type == "cuda"
     if graphs:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # side-stream warm-up, as torch.cuda.graphs recommends
-            for inp in inputs:
-                fn(inp)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        pool = torch.cuda.graph_pool_handle()
-        captured = []
-        for inp in inputs:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                fn(inp)
-            captured.append(g)
-        steps = [g.replay for g in captured]
-    else:
+        try:
+            steps = [g.replay for g in _capture(fn, inputs, device)]
+        except Exception as exc:  # time eager launches rather than lose the measurement
+            log.warning("CUDA-graph capture failed (%s: %s); timing eager launches", type(exc).__name__, exc)
+            graphs = False
+    if not graphs:
         steps = [lambda inp=inp: fn(inp) for inp in inputs]
     counter = {"i": 0}
 
@@ -140,6 +131,24 @@ def time_graphs(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.d
         "replays": replays,
         "graphs": graphs,
     }
+
+
+def _capture(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.device) -> list:
+    """One CUDA graph of ``fn(inp)`` per input, sharing a memory pool (replayed in capture order)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # side-stream warm-up, as torch.cuda.graphs recommends
+        for inp in inputs:
+            fn(inp)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    pool = torch.cuda.graph_pool_handle()
+    captured = []
+    for inp in inputs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            fn(inp)
+        captured.append(g)
+    return captured
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
