@@ -9,7 +9,7 @@ import pytest
 from test_drift_fixtures import INSTRUCTIONS, synthetic_episodes, topics
 
 from daptq_ros.drift.bag_calibration import calibration_batches, calibration_batches_from_bag, select_frames
-from daptq_ros.drift.bag_io import BagError
+from daptq_ros.drift.bag_io import BagError, BagFrames
 from daptq_ros.drift.bag_writer import write_episodes_bag
 from daptq_ros.runtime.instructions import InstructionTable
 
@@ -110,3 +110,57 @@ class _NoEncode:
 
     def lookup(self, text):
         return self.table.lookup(text, allow_encode=False)
+
+
+def test_quantize_calib_bag_then_drift_check(tmp_path):
+    """`daptq quantize --calib-bag` on a recorded-style bag, then drift-check FP vs the result."""
+    import json
+
+    from daptq_ros.cli import main
+    from daptq_ros.model.testing import write_synthetic_demos, write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    write_synthetic_demos(tmp_path / "demos", episodes_per_task=2, length=16)
+    bag = tmp_path / "bag"
+    assert main(["record", "--out", str(bag), "--from-demos", str(tmp_path / "demos")]) == 0
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "quantize",
+                "--checkpoint",
+                str(ckpt),
+                "--calib-bag",
+                str(bag),
+                "--method",
+                "rtn",
+                "--w-bits",
+                "4",
+                "--calib-frames",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    quantized = out / "quantized.safetensors"
+    report = tmp_path / "report"
+    code = main(
+        [
+            "drift-check",
+            "--bag",
+            str(bag),
+            "--reference",
+            str(ckpt),
+            "--candidate",
+            str(quantized),
+            "--report",
+            str(report),
+            "--no-progress",
+        ]
+    )
+    summary = json.loads((report / "report.json").read_text())
+    assert code == (0 if summary["passed"] else 1)
+    assert summary["frames"] == len(list(BagFrames(bag, topics()))) and summary["episodes"] == 4
+    assert summary["drift"]["max_m"] > 0  # 4-bit weights move the actions
