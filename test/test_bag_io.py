@@ -306,3 +306,19 @@ def test_record_cli_converts_demo_episodes(tmp_path):
     assert len(frames) == 10 and [f.episode for f in frames] == [0] * 5 + [1] * 5
     assert main(["record", "--out", str(tmp_path / "x"), "--from-demos", str(tmp_path / "nothing")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_topic_with_two_types_is_rejected(tmp_path):
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    path = tmp_path / "two"
+    store = typestore()
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        for msgtype, msg in (
+            (STRING_TYPE, string_msg("a")),
+            (JOINT_STATE_TYPE, joint_state_msg(T0, ["a"], [0.0])),
+        ):
+            conn = writer.add_connection("/instruction", msgtype, typestore=store)
+            writer.write(conn, T0, store.serialize_cdr(msg, msgtype))
+    with pytest.raises(BagError, match="topic /instruction has several types"):
+        BagFrames(path, topics())

@@ -215,7 +215,16 @@ class BagFrames:
     def _open(self) -> dict[str, Any]:
         reader = self._reader()
         try:
-            conns = {c.topic: c for c in reader.connections}
+            conns: dict[str, Any] = {}
+            self.counts: dict[str, int] = {}
+            for c in reader.connections:  # a topic may have several connections (e.g. QoS changes)
+                if c.topic in conns and conns[c.topic].msgtype != c.msgtype:
+                    raise BagError(
+                        f"bag {self.path}: topic {c.topic} has several types "
+                        f"({conns[c.topic].msgtype}, {c.msgtype})"
+                    )
+                conns.setdefault(c.topic, c)
+                self.counts[c.topic] = self.counts.get(c.topic, 0) + int(c.msgcount)
             if reader.message_count == 0:
                 raise BagError(f"bag {self.path} contains no messages")
         finally:
@@ -245,7 +254,7 @@ class BagFrames:
             if msgtype not in store.types:
                 raise BagError(f"bag {self.path}: unknown message type {msgtype} on topic {topic}")
         for topic in (self.topics.image, self.topics.instruction, self.topics.joint_states):
-            if conns[topic].msgcount == 0:
+            if self.counts[topic] == 0:
                 raise BagError(f"bag {self.path}: topic {topic} has no messages")
         return conns
 
@@ -327,7 +336,7 @@ class BagFrames:
     @property
     def n_images(self) -> int:
         """Image messages in the bag (an upper bound on the frame count)."""
-        return int(self.connections[self.topics.image].msgcount)
+        return self.counts[self.topics.image]
 
     @property
     def instructions(self) -> list[str]:
