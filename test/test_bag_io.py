@@ -322,3 +322,14 @@ def test_topic_with_two_types_is_rejected(tmp_path):
             writer.write(conn, T0, store.serialize_cdr(msg, msgtype))
     with pytest.raises(BagError, match="topic /instruction has several types"):
         BagFrames(path, topics())
+
+
+def test_first_image_overtaking_its_instruction_joins_the_new_episode(tmp_path):
+    """Topics arrive independently: an episode's first image may be received just before its instruction."""
+    tp = BagTopics(commands=[], max_sync_dt_s=0.05)
+    msgs = _frame_msgs(tp, 4)
+    msgs.append((tp.instruction, STRING_TYPE, T0 + 10 * MS, string_msg("first")))  # 10 ms after image 0
+    msgs.append((tp.instruction, STRING_TYPE, T0 + 220 * MS, string_msg("second")))  # 20 ms after image 2
+    frames = list(BagFrames(_write(tmp_path / "bag", msgs), tp))
+    assert [f.instruction for f in frames] == ["first", "first", "second", "second"]
+    assert [f.episode for f in frames] == [0, 0, 1, 1]

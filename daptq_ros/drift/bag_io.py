@@ -4,7 +4,8 @@ Bags are read with ``rosbags`` (pure Python; rosbag2 MCAP and sqlite3; writing l
 :mod:`daptq_ros.drift.bag_writer`) through the ROS 2 Kilted typestore.
 
 :class:`BagFrames` turns a bag into time-ordered policy frames ``(t, image_rgb, instruction,
-proprio, command)``: per image message, the latest instruction received at or before it, the
+proprio, command)``: per image message, the latest instruction received before it (or within
+``max_sync_dt_s`` after it: an episode's first image may overtake its instruction), the
 joint state nearest in time (within ``max_sync_dt_s``) and the first command at or after it.
 All alignment uses the bag's receive (log) times, the one clock every topic shares; header stamps
 are only checked for order. Every problem with the input surfaces as :class:`BagError`.
@@ -68,7 +69,8 @@ class BagTopics:
 
     Args:
         image: main camera topic (sensor_msgs/Image).
-        instruction: instruction topic (std_msgs/String); the latest one before each image is used.
+        instruction: instruction topic (std_msgs/String); the latest one received before each image
+            (or at most ``max_sync_dt_s`` after it) is used.
         joint_states: proprioception topic (sensor_msgs/JointState); the nearest one in time is used.
         commands: command topics published by the policy (optional; any of :data:`COMMAND_TYPES`).
             Their vectors are concatenated in this order.
@@ -396,7 +398,9 @@ class BagFrames:
                     f"stamp {stamp} ns < previous {last_stamp} ns"
                 )
             last_stamp = max(last_stamp, stamp)
-            k = bisect.bisect_right(self._instr_t, t_ns) - 1
+            # An instruction received up to max_sync_dt_s after the image still applies to it: topics
+            # are delivered independently, so an episode's first image can overtake its instruction.
+            k = bisect.bisect_right(self._instr_t, t_ns + int(tp.max_sync_dt_s * 1e9)) - 1
             if k < 0:
                 self.skipped["no_instruction"] += 1
                 continue
