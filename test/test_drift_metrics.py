@@ -137,3 +137,20 @@ def test_config_file_and_bad_keys(tmp_path):
     bad.write_text("drift:\n  topics:\n    episode_on_instruction: sometimes\n")
     with pytest.raises(ConfigError, match="episode_on_instruction"):
         load_drift_config(bad)
+
+
+def test_topic_overrides():
+    from daptq_ros.drift.cli import apply_topic_overrides
+
+    cfg = DriftConfig()
+    apply_topic_overrides(cfg, ["image=/cam/rgb", "commands=/a,/b", "joint_states=/js"])
+    assert (cfg.topics.image, cfg.topics.commands, cfg.topics.joint_states) == (
+        "/cam/rgb",
+        ["/a", "/b"],
+        "/js",
+    )
+    apply_topic_overrides(cfg, ["commands="])
+    assert cfg.topics.commands == []
+    for bad in ["camera=/x", "image", "image="]:
+        with pytest.raises(ConfigError, match="--topics"):
+            apply_topic_overrides(cfg, [bad])

@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="control rate of --from-demos bags (Hz)")
     parser.add_argument("--max-episodes", type=int, default=None, help="--from-demos: at most N episodes")
     parser.add_argument("--json", type=Path, default=None, help="write the recording summary JSON here")
+    parser.add_argument(
+        "--ros-args",
+        dest="ros_args",
+        nargs=argparse.REMAINDER,
+        default=None,
+        help="ROS arguments for the recorder node (e.g. --ros-args -p use_sim_time:=true); must come last",
+    )
 
 
 def _parse_types(items: list[str]) -> dict[str, str]:
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 types=_parse_types(args.types),
                 discovery_timeout_s=args.discovery_timeout,
             )
-            summary = record(options)
+            summary = record(options, ros_args=args.ros_args)
     except (BagError, ConfigError) as err:
         logger.error("%s", err)
         return EXIT_BAD_INPUT
