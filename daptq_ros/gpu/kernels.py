@@ -146,7 +146,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
     out: list[KernelConfig] = []
     for tile in dict.fromkeys(base):
         bm_, bn_, bk_, swap, mode = tile
-        warps = 8 if bm_ * bn_ >= 128 * 128 else 4
+        # 8 warps once the fp32 accumulator or the dequantized weight tile would not fit 4 warps'
+        # registers (ptxas spilled at 64×128 and at 128×256 with 4 warps, sm_90)
+        warps = 8 if bm_ * bn_ >= 64 * 128 or bn_ * bk_ >= 128 * 256 else 4
         stages = pipeline_stages(kind, bm_, bn_, bk_)
         split = default_split_k(m, n, k // bk_, bm_, bn_, sm_count)
         if quick:
