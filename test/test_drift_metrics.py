@@ -124,7 +124,7 @@ def test_executed_actions_follow_chunking_rule():
 
 def test_config_file_and_bad_keys(tmp_path):
     cfg = load_drift_config(REPO / "config" / "drift.yaml")
-    assert cfg.thresholds.per_dof["gripper"].max == 1.0
+    assert cfg.thresholds.per_dof["gripper"].max is None and cfg.thresholds.per_dof["gripper"].p95 == 0.3
     assert cfg.kinematics.action_scale == 0.01
     assert cfg.topics.image == DriftConfig().topics.image
     bad = tmp_path / "bad.yaml"
