@@ -140,6 +140,41 @@ def test_export_quantized_checkpoint(checkpoints, tmp_path):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
 
 
+def test_export_quantized_checkpoint_cpu_flavour(checkpoints, tmp_path):
+    """CPU flavour of the same checkpoint: integer kernels, no runtime DequantizeLinear, same numbers."""
+    from daptq_ros.runtime.bench import runtime_op_counts
+
+    model, _, q_path, plan, _ = checkpoints
+    out = tmp_path / "cpu"
+    assert main(["export", "--quantized", str(q_path), "--out", str(out), "--flavour", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["flavour"] == "cpu"
+    assert {n: e["kernel"] for n, e in manifest["layers"].items()} == {
+        "vision.conv1": "conv_im2col",  # static int8 input scale: U8S8 GEMM over an im2col
+        "lang_proj": "dynamic",  # weight-only per channel
+        "trunk.blocks.0.attn.q_proj": "nbits",  # grouped (16)
+        "trunk.blocks.0.mlp.fc1": "int8",  # static int8 activations, per channel
+        "action_head.blocks.0.mlp.fc1": "nbits",  # grouped; its static scale is not used
+    }
+    assert manifest["layers"]["action_head.blocks.0.mlp.fc1"]["a_bits_quantizer"] == 8
+    ran = runtime_op_counts(out)
+    assert "DequantizeLinear" not in ran and "ConvInteger" not in ran
+    # flow head fc1 runs once per flow step (2 steps), all over one initializer
+    assert ran["MatMulNBits"] == 1 + 2 and ran["DynamicQuantizeMatMul"] == 1
+    assert ran["MatMulIntegerToFloat"] == 2  # conv1 (im2col) + trunk fc1
+    policy = OnnxStepPolicy(out, threads=1, allow_encode=False)
+    feeds = model.example_inputs(1, seed=5)
+    with torch.no_grad():
+        ref = fake_quant_reference(model, plan).eval()(**feeds).numpy()
+    got = policy.session.run({k: v.numpy() for k, v in feeds.items()})["actions"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
+    exact = tmp_path / "cpu_exact"  # float compute where activations were not statically quantized
+    args = ["--cpu-weight-only", "float", "--cpu-accuracy-level", "0", "--cpu-conv", "integer"]
+    assert main(["export", "--quantized", str(q_path), "--out", str(exact), "--flavour", "cpu", *args]) == 0
+    layers = json.loads((exact / "manifest.json").read_text())["layers"]
+    assert layers["lang_proj"]["kernel"] == "float" and layers["vision.conv1"]["kernel"] == "conv_int"
+
+
 def test_export_refusals(checkpoints, tmp_path):
     _, fp_path, q_path, _, root = checkpoints
     assert main(["export", "--checkpoint", str(root / "missing.safetensors"), "--out", str(tmp_path)]) == 2

@@ -1,6 +1,7 @@
 """QDQ export vs the torch fake-quant computation built from the same integers and scales."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import onnx
@@ -9,6 +10,7 @@ import pytest
 import torch
 from test_export_fp32 import build_artifact, example_inputs
 
+from daptq_ros.export.cpu import CpuOptions, nbits_block_size, pack_nbits
 from daptq_ros.export.onnx_export import ExportError
 from daptq_ros.export.qdq import LayerQuant, export_qdq, rewrite_qdq
 from daptq_ros.runtime.manifest import read_manifest
@@ -137,29 +139,225 @@ def test_w8a8_trt(fp, tmp_path):
     sess.run({k: v.numpy() for k, v in example_inputs(seed=3).items()})
 
 
-def test_int4_blocked_weight_only(fp, tmp_path):
+def runtime_ops(path):
+    """Op counts of the graph ORT-CPU actually runs (after its optimizations, constant folding)."""
+    from daptq_ros.runtime.bench import runtime_op_counts
+
+    return runtime_op_counts(path)
+
+
+def weight_only(plan):
+    return [dataclasses.replace(lq, input_scale=None) for lq in plan]
+
+
+def test_shared_weight_dq_is_not_fused_by_ort_but_cpu_kernels_are(tmp_path):
+    """Why the CPU flavour exists: a weight DQ feeding several MatMuls (a Linear called at every flow
+    step) is neither fused nor constant-folded by ORT-CPU, so it dequantizes at every inference."""
+    torch.manual_seed(0)
+    model = _Twice().eval()
+    x = torch.randn(1, 8, 32)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(tmp_path / "t.onnx"),
+        dynamo=True,
+        opset_version=21,
+        input_names=["x"],
+        output_names=["y"],
+    )
+    lq = rtn("lin", model.lin.weight, 4, 16)
+    for flavour in ("trt", "cpu"):
+        proto = onnx.load(str(tmp_path / "t.onnx"))
+        rewrite_qdq(proto, [lq], flavour=flavour)
+        (tmp_path / flavour).mkdir()
+        onnx.save(proto, str(tmp_path / flavour / "model.onnx"))
+    trt, cpu = runtime_ops(tmp_path / "trt"), runtime_ops(tmp_path / "cpu")
+    assert trt.get("DequantizeLinear", 0) >= 1 and "MatMulNBits" not in trt
+    assert cpu["MatMulNBits"] == 2 and "DequantizeLinear" not in cpu
+    with torch.no_grad():
+        ref = fake_quant_reference(model, [lq])(x).numpy()
+    for flavour in ("trt", "cpu"):
+        got = ort_run(tmp_path / flavour / "model.onnx", {"x": x.numpy()}, disable_all=False)
+        assert rel_err(got, ref) < 2e-2
+
+
+def test_cpu_weight_only_kernels(fp, tmp_path):
     model, path = fp
     groups = {"lang_proj": 32, "fc1": 16, "fc2": 24, "head": 16, "vis_proj": 0}  # fc2: ragged last block
     plan = [rtn(n, model.get_submodule(n).weight, 4, g) for n, g in groups.items()]
     m = export_qdq(path, plan, tmp_path / "w4", flavour="cpu", method="rtn")
     proto, counts, types = op_counts(tmp_path / "w4" / "model.onnx")
-    assert counts.get("QuantizeLinear", 0) == 0 and counts["DequantizeLinear"] == 5
-    assert all(types[f"{n}.weight_quantized"] == onnx.TensorProto.INT4 for n in groups)
-    dq = {
+    kernels = {n: e["kernel"] for n, e in m.layers.items()}
+    assert kernels == {
+        "lang_proj": "nbits",
+        "fc1": "nbits",
+        "head": "nbits",
+        "vis_proj": "dynamic",
+        "fc2": "dq",
+    }
+    assert (
+        counts["MatMulNBits"] == 3
+        and counts["DynamicQuantizeMatMul"] == 1
+        and counts["DequantizeLinear"] == 1
+    )
+    nbits = {
         n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         for n in proto.graph.node
-        if n.op_type == "DequantizeLinear"
+        if n.op_type == "MatMulNBits"
     }
-    assert dq["lang_proj.weight_DequantizeLinear"] == {"axis": 0, "block_size": 32}
-    assert dq["vis_proj.weight_DequantizeLinear"] == {"axis": 1}
+    assert sorted((a["K"], a["N"], a["bits"], a["block_size"]) for a in nbits.values()) == [
+        (32, 4, 4, 16),
+        (32, 64, 4, 16),
+        (384, 32, 4, 32),
+    ]
+    assert all(a["accuracy_level"] == 4 for a in nbits.values())
+    prefix = m.config["cpu_tensor_prefixes"]["vis_proj"]
+    assert types[f"{prefix}.wkn.i4"] == onnx.TensorProto.INT4  # 4-bit storage, int8 after folding
+    ran = runtime_ops(tmp_path / "w4")
+    assert ran["MatMulNBits"] == 3 and ran["DynamicQuantizeMatMul"] == 1
+    assert ran["DequantizeLinear"] == 1 and "Cast" not in ran  # only the ragged fc2; INT4 Cast folded
     assert m.layers["fc2"] == {
         "w_bits": 4,
         "group_size": 24,
         "a_bits": 16,
         "symmetric": True,
         "storage": "int4",
+        "kernel": "dq",
     }
-    check_parity(model, plan, tmp_path / "w4", tol_exact=1e-4, tol_fused=2e-2)  # MatMulNBits: int8 compute
+    assert m.layers["vis_proj"]["act_granularity"] == "dynamic_tensor"
+    assert m.layers["lang_proj"]["act_granularity"] == "dynamic_block"
+    # int8 compute (accuracy level 4, run-time activation scales): close to the weight-only math
+    check_parity(model, plan, tmp_path / "w4", tol_exact=2e-2, tol_fused=2e-2)
+    # float compute + folded float weights: the quantizer's weight-only math exactly
+    exact = CpuOptions(weight_only="float", accuracy_level=0)
+    m = export_qdq(path, plan, tmp_path / "w4x", flavour="cpu", method="rtn", cpu_options=exact)
+    assert m.layers["vis_proj"]["kernel"] == "float" and "act_granularity" not in m.layers["lang_proj"]
+    assert "DequantizeLinear" not in runtime_ops(tmp_path / "w4x").keys() - {"DequantizeLinear"}
+    check_parity(model, plan, tmp_path / "w4x", tol_exact=1e-4, tol_fused=1e-4)
+
+
+@pytest.mark.parametrize("conv", ["im2col", "integer"])
+def test_cpu_static_int8_kernels_and_low_bit_storage(fp, tmp_path, conv):
+    """W(2..8)A8 with the quantizer's activation scales: U8S8 integer kernels, bit-exact storage."""
+    model, path = fp
+    scales = input_scales(model, ALL_LAYERS)
+    bits = {
+        "vision.0": 8,
+        "vis_proj": 3,
+        "lang_proj": 2,
+        "proprio_proj": 8,
+        "fc1": 4,
+        "fc2": 8,
+        "noise_proj": 3,
+        "head": 4,
+    }
+    plan = [
+        rtn(
+            n,
+            model.get_submodule(n).weight,
+            b,
+            input_scale=scales[n],
+            zero_rows=(1,) if n == "lang_proj" else (),
+        )
+        for n, b in bits.items()
+    ]
+    m = export_qdq(path, plan, tmp_path / "q", flavour="cpu", method="rtn", cpu_options=CpuOptions(conv=conv))
+    conv_kernel = "conv_im2col" if conv == "im2col" else "conv_int"
+    assert {n: e["kernel"] for n, e in m.layers.items()} == {n: "int8" for n in bits} | {
+        "vision.0": conv_kernel
+    }
+    assert all(e["a_bits"] == 8 and e["act_granularity"] == "tensor" for e in m.layers.values())
+    proto, counts, types = op_counts(tmp_path / "q" / "model.onnx")
+    assert "DequantizeLinear" not in counts and "Gemm" not in counts
+    assert counts["QuantizeLinear"] == 8
+    # storage: 2/3-bit layers as packed uint8 bit planes, 4-bit as INT4, 8-bit as INT8
+    inits = {i.name: i for i in proto.graph.initializer}
+    prefix = m.config["cpu_tensor_prefixes"]
+    planes = lambda n: [i for name, i in inits.items() if name.startswith(f"{prefix[n]}.wkn.p")]  # noqa: E731
+    assert [len(p.raw_data) for p in planes("lang_proj")] == [384 * 32 * 2 // 8]
+    assert sorted(len(p.raw_data) for p in planes("vis_proj")) == [8 * 32 // 8, 8 * 32 * 2 // 8]
+    assert types[f"{prefix['fc1']}.wkn.i4"] == onnx.TensorProto.INT4
+    assert types[f"{prefix['fc2']}.wkn.i8"] == onnx.TensorProto.INT8
+    assert not any(
+        i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= 256
+        for i in proto.graph.initializer
+    )  # no float weight copies
+    ran = runtime_ops(tmp_path / "q")
+    unpack = {"BitShift", "BitwiseAnd", "BitwiseOr", "Slice", "Sub"} & ran.keys()
+    assert ran["MatMulIntegerToFloat"] == 7 + (conv == "im2col") and not unpack - {"Slice"}
+    assert ("ConvInteger" in ran) == (conv == "integer") and "DequantizeLinear" not in ran
+    check_parity(model, plan, tmp_path / "q", tol_exact=2e-3, tol_fused=2e-3)
+
+
+def test_nbits_packing_matches_dequantize():
+    """MatMulNBits tensors from our packer reproduce x @ dequantize(W).T (bits 2/4/8, zero points)."""
+    rng = np.random.default_rng(0)
+    for bits, k, group, zero in [(4, 80, 16, False), (4, 96, 32, True), (2, 64, 0, False), (8, 72, 0, True)]:
+        n = 12
+        q = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k)).astype(np.int8)
+        ng = 1 if group == 0 else -(-k // group)
+        z = rng.integers(-2, 2, (n, ng)).astype(np.int8) if zero else None
+        lq = LayerQuant("l", q, rng.random((n, ng)).astype(np.float32) + 0.1, bits, group, zero=z)
+        block = nbits_block_size(lq, k)
+        packed, scales, zp = pack_nbits(lq, bits, block)
+        node = onnx.helper.make_node(
+            "MatMulNBits",
+            ["x", "b", "s", "z" if zp is not None else ""],
+            ["y"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=block,
+            accuracy_level=0,
+        )
+        inits = [onnx.numpy_helper.from_array(packed, "b"), onnx.numpy_helper.from_array(scales, "s")]
+        if zp is not None:
+            inits.append(onnx.numpy_helper.from_array(zp, "z"))
+        graph = onnx.helper.make_graph(
+            [node],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, k])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, n])],
+            inits,
+        )
+        proto = onnx.helper.make_model(
+            graph,
+            opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)],
+        )
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ lq.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_shared_layer_one_initializer(tmp_path):
+    torch.manual_seed(0)
+    model = _Twice().eval()
+    x = torch.randn(1, 8, 32)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(tmp_path / "t.onnx"),
+        dynamo=True,
+        opset_version=21,
+        input_names=["x"],
+        output_names=["y"],
+    )
+    proto = onnx.load(str(tmp_path / "t.onnx"))
+    lq = rtn("lin", model.lin.weight, 4, input_scale=float(x.abs().max()) / 127)
+    kernels: dict = {}
+    counts = rewrite_qdq(proto, [lq], flavour="cpu", kernels=kernels)
+    assert (
+        kernels == {"lin": "int8"} and counts["MatMulIntegerToFloat"] == 2 and counts["QuantizeLinear"] == 2
+    )
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Cast") == 1 and "Transpose" not in ops and "Add" not in ops  # bias folded
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "q.onnx"))
+    with torch.no_grad():
+        ref = fake_quant_reference(model, [lq])(x).numpy()
+    got = ort_run(tmp_path / "q.onnx", {"x": x.numpy()}, disable_all=False)
+    assert rel_err(got, ref) < 1e-4
 
 
 def test_mixed_precision_with_pruned_rows(fp, tmp_path):

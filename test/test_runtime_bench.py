@@ -21,10 +21,16 @@ def artifacts(tmp_path_factory):
 
 
 def test_benchmark_results(artifacts):
-    results, machine = benchmark(list(artifacts), runs=12, warmup=2, threads=1, rounds=3)
+    results, machine = benchmark(list(artifacts), runs=12, warmup=2, threads=1, rounds=3, runtime_ops=True)
     assert [r.runs for r in results] == [12, 12]
     assert results[0].speedup_vs_first == 1.0 and results[0].size_ratio_vs_first == 1.0
+    assert results[0].latency_ratio == 1.0  # paired per-round ratio against itself
+    assert results[1].latency_ratio_p25 <= results[1].latency_ratio <= results[1].latency_ratio_p75
     assert results[1].size_ratio_vs_first < 1.0  # int4 weights are smaller
+    # FP16 reference = the first (fp32) graph with float16 initializers: about half its size
+    assert 1.8 < results[0].size_vs_fp16 < 2.0 and results[1].size_vs_fp16 < results[0].size_vs_fp16
+    assert results[1].kernels == {"nbits": 2} and results[0].kernels == {}
+    assert results[1].runtime_ops["MatMulNBits"] == 2 and "DequantizeLinear" not in results[1].runtime_ops
     assert results[1].method == "rtn" and results[1].flavour == "cpu"
     assert all(r.min_ms <= r.median_ms <= r.p99_ms for r in results)
     assert machine["cores"] >= 1 and machine["onnxruntime"] and machine["provider"] == "CPUExecutionProvider"
@@ -44,12 +50,15 @@ def test_bench_cli_json_and_errors(artifacts, tmp_path, capsys):
         "1",
         "--rounds",
         "2",
+        "--runtime-ops",
         "--json",
         str(out),
     ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| fp32 | fp32 | fp32 |" in table and "| w4 | rtn | cpu |" in table
+    assert "size / FP16" in table and "latency ratio" in table
+    assert "- w4: kernels {'nbits': 2}; ORT runs {" in table and "'MatMulNBits': 2" in table
     data = json.loads(out.read_text())
     assert len(data["results"]) == 2 and len(data["results"][1]["latencies_ms"]) == 4
     assert main(["bench", "--artifacts", str(tmp_path / "missing")]) == 2

@@ -1,9 +1,10 @@
 """Build the latency/size benchmark artifacts of ``docs/cpu_latency.md`` (no data or training needed).
 
-A default-config :class:`~daptq_ros.model.vla.ReferenceVLA` with seeded random weights (the
-adaLN-zero head perturbed so it does not collapse to the identity) is quantized by the real
-quantizer (:func:`daptq_ros.quant.api.quantize_policy`) on seeded random contract-shaped
-calibration frames, saved as FP / quantized checkpoints and exported like ``daptq export`` does::
+The packaged trained reference VLA (``daptq_ros/assets/reference_vla.safetensors``; or, with
+``--checkpoint random``, a default-config :class:`~daptq_ros.model.vla.ReferenceVLA` with seeded
+random weights) is quantized by the real quantizer (:func:`daptq_ros.quant.api.quantize_policy`)
+on seeded random contract-shaped calibration frames, saved as quantized checkpoints and exported
+like ``daptq export`` does::
 
     python -m daptq_ros.export.bench_models --out /tmp/bench
     daptq bench --artifacts /tmp/bench/fp32 /tmp/bench/w8a8 /tmp/bench/w4a8 /tmp/bench/mixed \
@@ -13,8 +14,8 @@ Artifacts: ``fp32``; ``w8a8`` (RTN int8 weights + static int8 activations), ``w4
 per-channel weights + int8 activations), ``mixed`` (the ``daptq`` method at the recipe budget,
 default 4.25 bits: per-layer 2/3/4/8/16-bit weights, int8 activations), all in the ``cpu``
 flavour; ``--trt`` also writes ``*_trt`` (TensorRT-rules QDQ) twins. Latency and size do not
-depend on the weight values, so random weights measure the deployable graph honestly; accuracy
-does (use trained checkpoints for that).
+depend on the weight or calibration values, so this measures the deployable graph honestly;
+task accuracy does (quantize with real calibration data, ``daptq quantize --demos``, for that).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 REPO_RECIPE = Path(__file__).resolve().parents[2] / "config" / "quantize.yaml"
+ASSET_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "reference_vla.safetensors"
 
 
 def bench_recipe(name: str, budget: float, calib_frames: int, seed: int) -> Any:
@@ -69,7 +71,10 @@ def bench_recipe(name: str, budget: float, calib_frames: int, seed: int) -> Any:
     if "w_bits" in spec:
         data["w_bits"] = spec["w_bits"]
     options = dict(data.get("method_options") or {})
-    options[spec["method"]] = {**(options.get(spec["method"]) or {}), **({"csrc": False} if spec["method"] == "daptq" else {})}
+    options[spec["method"]] = {
+        **(options.get(spec["method"]) or {}),
+        **({"csrc": False} if spec["method"] == "daptq" else {}),
+    }
     data["method_options"] = {spec["method"]: options[spec["method"]]}
     return load_recipe(data)
 
@@ -89,6 +94,18 @@ def random_vla(seed: int = 0, config: Any = None) -> Any:
     return model
 
 
+def _random_table(model: Any, seed: int) -> Any:
+    import numpy as np
+
+    from daptq_ros.runtime.instructions import InstructionTable
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(model.config.max_lang_tokens, np.float32)
+    mask[:8] = 1.0
+    tokens = rng.standard_normal((model.config.max_lang_tokens, model.config.lang_dim)).astype(np.float32)
+    return InstructionTable({INSTRUCTION: (tokens * mask[:, None], mask)})
+
+
 def calibration_batches(model: Any, frames: int = 32, batch: int = 8, seed: int = 1) -> list[dict[str, Any]]:
     """Contract-shaped random frames (images in [0, 1], 8 valid language tokens, fixed noise)."""
     return [model.example_inputs(batch, seed=seed + i) for i in range(-(-frames // batch))]
@@ -102,8 +119,14 @@ def build(
     trt: bool = False,
     seed: int = 0,
     reuse: bool = False,
+    checkpoint: Path | None = None,
 ) -> dict[str, Path]:
-    """Write the artifacts ``names`` (subset of fp32 + RECIPES) under ``out``; returns name -> dir."""
+    """Write the artifacts ``names`` (subset of fp32 + RECIPES) under ``out``; returns name -> dir.
+
+    ``checkpoint``: FP checkpoint to quantize (its ``instructions.safetensors`` is shipped when it
+    sits beside it); None = a seeded random-weight default-config ReferenceVLA.
+    """
+
     from daptq_ros.export.cpu import CpuOptions
     from daptq_ros.export.onnx_export import export_policy
     from daptq_ros.export.qdq import export_qdq
@@ -114,42 +137,79 @@ def build(
     from daptq_ros.quant.checkpoint import save_quantized
     from daptq_ros.runtime.instructions import InstructionTable
 
-    import numpy as np
-
     out.mkdir(parents=True, exist_ok=True)
-    model = random_vla(seed)
-    fp_ckpt = save_checkpoint(out / "checkpoints" / "fp32.safetensors", model, NormStats.from_dict(NORM),
-                              {"instructions": [INSTRUCTION]})
+    if checkpoint is not None:
+        from daptq_ros.model.io import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint)
+
+        def fresh() -> Any:
+            return load_checkpoint(checkpoint).model.eval()
+
+        model, norm, fp_ckpt = loaded.model.eval(), loaded.norm.to_dict(), Path(checkpoint)
+        beside = fp_ckpt.parent / "instructions.safetensors"
+        if beside.is_file():
+            table = InstructionTable.load(beside)
+        else:
+            table = _random_table(model, seed)
+    else:
+
+        def fresh() -> Any:
+            return random_vla(seed)
+
+        model, norm = random_vla(seed), NORM
+        fp_ckpt = save_checkpoint(
+            out / "checkpoints" / "fp32.safetensors",
+            model,
+            NormStats.from_dict(NORM),
+            {"instructions": [INSTRUCTION]},
+        )
+        table = _random_table(model, seed)
     base = read_metadata(fp_ckpt)["daptq.checkpoint"]
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(model.config.max_lang_tokens, np.float32)
-    mask[:8] = 1.0
-    tokens = rng.standard_normal((model.config.max_lang_tokens, model.config.lang_dim)).astype(np.float32)
-    table = InstructionTable({INSTRUCTION: (tokens * mask[:, None], mask)})
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="daptq_bench_fp_") as tmp:
         fp_dir = out / "fp32" if "fp32" in names else Path(tmp) / "fp32"
-        export_policy(model, model.example_inputs(1), fp_dir, norm=NORM, instructions_cache=table,
-                      config_meta={"checkpoint": str(fp_ckpt), "bench_models": {"seed": seed}})
+        export_policy(
+            model,
+            model.example_inputs(1),
+            fp_dir,
+            norm=norm,
+            instructions_cache=table,
+            config_meta={
+                "checkpoint": str(fp_ckpt),
+                "model": base.get("config", {}),
+                "bench_models": {"seed": seed},
+            },
+        )
         if "fp32" in names:
             written["fp32"] = fp_dir
         for name in [n for n in names if n in RECIPES]:
             q_path = out / "checkpoints" / f"{name}.safetensors"
             if not (reuse and q_path.is_file()):
                 recipe = bench_recipe(name, budget, calib_frames, seed)
-                qmodel = random_vla(seed)
+                qmodel = fresh()
                 result = quantize_policy(
                     qmodel, ReferenceVLAAdapter(), calibration_batches(qmodel, calib_frames), recipe
                 )
-                save_quantized(q_path, qmodel, result, base, {"command": "python -m daptq_ros.export.bench_models"})
+                save_quantized(
+                    q_path, qmodel, result, base, {"command": "python -m daptq_ros.export.bench_models"}
+                )
                 logger.info("%s: %s, %.3f avg bits", name, recipe.method, result.avg_bits)
             ckpt = read_quantized(q_path)
             flavours = ["cpu", "trt"] if trt else ["cpu"]
             for flavour in flavours:
                 dest = out / (name if flavour == "cpu" else f"{name}_trt")
-                export_qdq(fp_dir, ckpt.plan, dest, flavour=flavour, method=ckpt.method, budget=ckpt.budget,
-                           avg_bits=ckpt.avg_bits, extra_config={"recipe": ckpt.meta.get("recipe", {})},
-                           cpu_options=CpuOptions() if flavour == "cpu" else None)
+                export_qdq(
+                    fp_dir,
+                    ckpt.plan,
+                    dest,
+                    flavour=flavour,
+                    method=ckpt.method,
+                    budget=ckpt.budget,
+                    avg_bits=ckpt.avg_bits,
+                    extra_config={"recipe": ckpt.meta.get("recipe", {})},
+                    cpu_options=CpuOptions() if flavour == "cpu" else None,
+                )
                 written[dest.name] = dest
     return written
 
@@ -163,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trt", action="store_true", help="also write TensorRT-flavour twins (*_trt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--checkpoint",
+        default=str(ASSET_CHECKPOINT),
+        help="FP checkpoint to quantize (default: the packaged trained reference VLA); 'random' = a "
+        "seeded random-weight default-config ReferenceVLA",
+    )
+    parser.add_argument(
         "--reuse-checkpoints", action="store_true", help="re-export existing OUT/checkpoints/*.safetensors"
     )
     args = parser.parse_args(argv)
@@ -170,8 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    checkpoint = None if args.checkpoint == "random" else Path(args.checkpoint)
+    if checkpoint is not None and not checkpoint.is_file():
+        parser.error(f"--checkpoint {checkpoint}: not found (use 'random' for random weights)")
     written = build(
-        args.out, args.only, args.budget, args.calib_frames, args.trt, args.seed, reuse=args.reuse_checkpoints
+        args.out,
+        args.only,
+        args.budget,
+        args.calib_frames,
+        args.trt,
+        args.seed,
+        reuse=args.reuse_checkpoints,
+        checkpoint=checkpoint,
     )
     for name, path in written.items():
         print(f"{name}: {path}")

@@ -56,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpu-conv",
-        choices=("integer", "float"),
-        default="integer",
-        help="cpu flavour, convs with an activation scale: integer = ConvInteger with the quantizer's "
-        "input scale, float = dequantized weights folded at load, input kept float",
+        choices=("im2col", "integer", "float"),
+        default="im2col",
+        help="cpu flavour, convs with an activation scale: im2col = int8 GEMM (U8S8) over the quantized "
+        "input's patches, integer = ConvInteger (U8U8), both with the quantizer's input scale; "
+        "float = dequantized weights folded at load, input kept float",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (QDQ needs >= 21)")
     parser.add_argument(

@@ -55,9 +55,9 @@ logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 LINEAR_KERNELS = ("int8", "dynamic", "nbits", "float", "dq")
-CONV_KERNELS = ("conv_int", "float")
+CONV_KERNELS = ("conv_im2col", "conv_int", "float")
 WEIGHT_ONLY_CHOICES = ("dynamic", "float", "nbits")
-CONV_CHOICES = ("integer", "float")
+CONV_CHOICES = ("im2col", "integer", "float")
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes (powers of two, >= 16)
 UINT8_MID = 128
 
@@ -72,15 +72,17 @@ class CpuOptions:
             ``nbits`` (MatMulNBits).
         accuracy_level: MatMulNBits ``accuracy_level`` (grouped layers): 4 = int8 compute
             (fast; activations quantized per block at run time), 0 = float compute (exact).
-        conv: quantized-input convs as ``integer`` (ConvInteger with the quantizer's input scale)
-            or ``float`` (folded dequantized weights, input kept float).
+        conv: quantized-input convs as ``im2col`` (U8S8 MatMulIntegerToFloat over an NHWC im2col
+            of the quantized input), ``integer`` (ConvInteger, U8U8) -- both with the quantizer's
+            input scale and the same integer math -- or ``float`` (folded dequantized weights,
+            input kept float).
         nbits_block: MatMulNBits block size for per-channel layers routed to ``nbits`` (0 = the
             largest supported power of two not above K).
     """
 
     weight_only: str = "dynamic"
     accuracy_level: int = 4
-    conv: str = "integer"
+    conv: str = "im2col"
     nbits_block: int = 0
 
     def __post_init__(self) -> None:
@@ -144,7 +146,7 @@ def nbits_for(w_bits: int) -> int:
 def _pack_last_axis(u: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ``bits``-bit values along the last axis, lower index in the lower bits."""
     per = 8 // bits
-    out = np.zeros(u.shape[:-1] + (u.shape[-1] // per,), np.uint8)
+    out = np.zeros((*u.shape[:-1], u.shape[-1] // per), np.uint8)
     for j in range(per):
         out |= (u[..., j::per].astype(np.uint8) << (bits * j)).astype(np.uint8)
     return out
@@ -181,6 +183,21 @@ def pack_planes(q: np.ndarray, bits: int) -> list[np.ndarray]:
     return planes
 
 
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static tensor shapes from ONNX shape inference (4-D conv inputs need H and W)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as err:  # inference failures only disable the im2col conv path
+        logger.warning("shape inference failed (%s); convs fall back to ConvInteger", err)
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -201,6 +218,7 @@ class _CpuRewriter(_Rewriter):
         self.quant_inputs: dict[tuple[str, float], tuple[str, str, str]] = {}
         self.ops: Counter[str] = Counter()
         self.prefixes: dict[str, str] = {}
+        self.shapes = _static_shapes(model) if options.conv == "im2col" else {}
         self.counts = Counter(self.counts)
 
     def prefix(self, lq: LayerQuant) -> str:
@@ -244,7 +262,9 @@ class _CpuRewriter(_Rewriter):
         offset = 0
         for i, (w, packed) in enumerate(zip(plane_widths(bits), pack_planes(q, bits), strict=True)):
             per = 8 // w
-            shifts = self._shared_const(f"daptq_unpack_shifts_w{w}", (np.arange(per) * w).astype(np.uint8)[None])
+            shifts = self._shared_const(
+                f"daptq_unpack_shifts_w{w}", (np.arange(per) * w).astype(np.uint8)[None]
+            )
             mask = self._shared_const(f"daptq_unpack_mask_w{w}", np.array((1 << w) - 1, np.uint8))
             plane = self._init(f"{base}.p{i}", packed)
             vals = self._node(node, "BitShift", [plane, shifts], f"{base}.p{i}s", direction="RIGHT")
@@ -316,9 +336,7 @@ class _CpuRewriter(_Rewriter):
 
         def transpose() -> str:
             out = f"{self.prefix(lq)}.w.fkn"
-            self.before[id(node)].append(
-                helper.make_node("Transpose", [oi], [out], name=out, perm=[1, 0])
-            )
+            self.before[id(node)].append(helper.make_node("Transpose", [oi], [out], name=out, perm=[1, 0]))
             return out
 
         return self._const((lq.name, "float_kn"), transpose)
@@ -330,9 +348,7 @@ class _CpuRewriter(_Rewriter):
             s = self._init(f"{tag}.xs", np.array(scale, dtype=np.float32))
             z = self._init(f"{tag}.xz", np.array(UINT8_MID, dtype=np.uint8))
             out = f"{tag}.xq"
-            self.before[id(node)].append(
-                helper.make_node("QuantizeLinear", [tensor, s, z], [out], name=out)
-            )
+            self.before[id(node)].append(helper.make_node("QuantizeLinear", [tensor, s, z], [out], name=out))
             self.counts["QuantizeLinear"] += 1
             self.quant_inputs[key] = (out, s, z)
         return self.quant_inputs[key]
@@ -341,9 +357,14 @@ class _CpuRewriter(_Rewriter):
     def choose(self, node: onnx.NodeProto, lq: LayerQuant, k: int) -> str:
         if node.op_type == "Conv":
             symmetric_or_scalar = lq.zero is None
-            if lq.input_scale is not None and self.options.conv == "integer" and symmetric_or_scalar:
-                return "conv_int"
-            return "float"
+            if lq.input_scale is None or self.options.conv == "float":
+                return "float"
+            attrs = _attrs(node)
+            plain = attrs.get("group", 1) == 1 and set(attrs.get("dilations", [1])) == {1}
+            plain = plain and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+            if self.options.conv == "im2col" and plain and node.input[0] in self.shapes:
+                return "conv_im2col"
+            return "conv_int" if symmetric_or_scalar else "float"
         grouped = 0 < lq.group_size < k
         if grouped:
             if nbits_block_size(lq, k) is not None and self._zero_fits(lq):
@@ -360,7 +381,9 @@ class _CpuRewriter(_Rewriter):
         if lq.zero is None:
             return True
         mid = 1 << (nbits_for(lq.w_bits) - 1)
-        return bool(((lq.zero.astype(np.int32) + mid >= 0) & (lq.zero.astype(np.int32) + mid < 2 * mid)).all())
+        return bool(
+            ((lq.zero.astype(np.int32) + mid >= 0) & (lq.zero.astype(np.int32) + mid < 2 * mid)).all()
+        )
 
     # ------------------------------------------------------------------ rewriting
     def _linear_bias(self, node: onnx.NodeProto, n_out: int) -> tuple[str, str]:
@@ -408,20 +431,26 @@ class _CpuRewriter(_Rewriter):
         tag = self.prefix(lq) if call == 0 else f"{self.prefix(lq)}.c{call}"
         if kernel == "conv_int":
             self._conv_integer(node, lq, tag)
+        elif kernel == "conv_im2col":
+            self._conv_im2col(node, lq, tag)
         elif kernel == "float":
             self._float(node, lq)
         elif kernel == "dq":
             logger.warning(
                 "layer %s: group size %d has no MatMulNBits block (power of two >= 16 dividing it) "
                 "and does not tile K=%d: runtime DequantizeLinear (slow on ORT-CPU)",
-                lq.name, lq.group_size, k,
+                lq.name,
+                lq.group_size,
+                k,
             )
             super().rewrite(node, lq, call)
         else:
             self._linear(node, lq, kernel, k, n_out, tag)
         self.ops[kernel] += 1
 
-    def _linear(self, node: onnx.NodeProto, lq: LayerQuant, kernel: str, k: int, n_out: int, tag: str) -> None:
+    def _linear(
+        self, node: onnx.NodeProto, lq: LayerQuant, kernel: str, k: int, n_out: int, tag: str
+    ) -> None:
         bias, out = self._linear_bias(node, n_out)
         x = node.input[0]
         del node.attribute[:]
@@ -476,9 +505,77 @@ class _CpuRewriter(_Rewriter):
             trans_b = _attrs(node).get("transB", 0)
             node.input[1] = self.float_weight(node, lq, "nk" if trans_b else "kn")
 
+    def _conv_im2col(self, node: onnx.NodeProto, lq: LayerQuant, tag: str) -> None:
+        """Conv as int8 GEMM over an NHWC im2col of the quantized input.
+
+        ``QuantizeLinear -> Transpose(NHWC) -> Pad(zero point) -> kh*kw strided Slices -> Concat
+        -> MatMulIntegerToFloat(W[(i, j, c), o]) -> Transpose(NCHW)``: the patches are gathered on
+        uint8 data and the GEMM runs on the U8S8 (VNNI) kernel, unlike ``ConvInteger`` (U8U8).
+        ORT's transpose optimizer cancels the NCHW<->NHWC pairs between stacked convs.
+        """
+        attrs = _attrs(node)
+        o, c, kh, kw = lq.w_int.shape
+        sh, sw = list(attrs.get("strides", [1, 1]))
+        pt, pl, pb, pr = list(attrs.get("pads", [0, 0, 0, 0]))
+        _, _, h, w = self.shapes[node.input[0]]
+        ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+        k = kh * kw * c
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        out = node.output[0]
+        p = self.prefix(lq)
+
+        def weights() -> tuple[str, str]:
+            wk = np.ascontiguousarray(lq.w_int.transpose(2, 3, 1, 0).reshape(k, o))
+            q8 = self.stored_int8(node, lq, wk, "k")
+            scale = self._init(f"{p}.w.s", np.ascontiguousarray(lq.scale[:, 0], dtype=np.float32))
+            return q8, scale
+
+        w8, w_scale = self._const((lq.name, "im2col"), weights)
+        xq, x_scale, x_zero = self.quant_input(node, node.input[0], float(lq.input_scale), tag)  # type: ignore[arg-type]
+        nodes = [helper.make_node("Transpose", [xq], [f"{tag}.nhwc"], name=f"{tag}.nhwc", perm=[0, 2, 3, 1])]
+        src = f"{tag}.nhwc"
+        if any((pt, pl, pb, pr)):
+            pads = self._init(f"{tag}.pads", np.array([0, pt, pl, 0, 0, pb, pr, 0], np.int64))
+            nodes.append(helper.make_node("Pad", [src, pads, x_zero], [f"{tag}.pad"], name=f"{tag}.pad"))
+            src = f"{tag}.pad"
+        axes = self._shared_const("daptq_im2col_axes", np.array([1, 2], np.int64))
+        steps = self._init(f"{tag}.steps", np.array([sh, sw], np.int64))
+        cols = []
+        for i in range(kh):
+            for j in range(kw):
+                starts = self._init(f"{tag}.st{i}{j}", np.array([i, j], np.int64))
+                ends = self._init(
+                    f"{tag}.en{i}{j}", np.array([i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1], np.int64)
+                )
+                cols.append(f"{tag}.col{i}{j}")
+                nodes.append(
+                    helper.make_node("Slice", [src, starts, ends, axes, steps], [cols[-1]], name=cols[-1])
+                )
+        nodes.append(helper.make_node("Concat", cols, [f"{tag}.col"], name=f"{tag}.col", axis=3))
+        flat = self._init(f"{tag}.colshape", np.array([1, ho * wo, k], np.int64))
+        nodes.append(helper.make_node("Reshape", [f"{tag}.col", flat], [f"{tag}.cols"], name=f"{tag}.cols"))
+        self.before[id(node)].extend(nodes)
+        node.op_type = "MatMulIntegerToFloat"
+        node.domain = MS_DOMAIN
+        del node.attribute[:]
+        bias_name = self._const((lq.name, "im2col_bias"), lambda: bias) if bias else ""
+        node.input[:] = [f"{tag}.cols", w8, x_scale, w_scale, x_zero, "", bias_name]
+        node.output[:] = [f"{tag}.y"]
+        shape4 = self._init(f"{tag}.yshape", np.array([1, ho, wo, o], np.int64))
+        self.after[id(node)].extend(
+            [
+                helper.make_node("Reshape", [f"{tag}.y", shape4], [f"{tag}.y4"], name=f"{tag}.y4"),
+                helper.make_node("Transpose", [f"{tag}.y4"], [out], name=f"{tag}.nchw", perm=[0, 3, 1, 2]),
+            ]
+        )
+        self.counts["MatMulIntegerToFloat"] += 1
+
     def _conv_integer(self, node: onnx.NodeProto, lq: LayerQuant, tag: str) -> None:
-        attrs = {k: v for k, v in _attrs(node).items() if k in ("dilations", "group", "kernel_shape", "pads",
-                                                                 "strides", "auto_pad")}
+        attrs = {
+            k: v
+            for k, v in _attrs(node).items()
+            if k in ("dilations", "group", "kernel_shape", "pads", "strides", "auto_pad")
+        }
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         out = node.output[0]
         n_out = lq.w_int.shape[0]
@@ -506,8 +603,7 @@ class _CpuRewriter(_Rewriter):
         node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
         node.output[:] = [f"{tag}.y32"]
         after = [
-            helper.make_node("Cast", [f"{tag}.y32"], [f"{tag}.yf"], name=f"{tag}.yf",
-                             to=TensorProto.FLOAT),
+            helper.make_node("Cast", [f"{tag}.y32"], [f"{tag}.yf"], name=f"{tag}.yf", to=TensorProto.FLOAT),
         ]
         scaled = out if not bias else f"{tag}.ym"
         after.append(helper.make_node("Mul", [f"{tag}.yf", out_scale], [scaled], name=f"{tag}.ym"))
@@ -552,9 +648,9 @@ def kernel_summary(kernels: dict[str, str]) -> dict[str, int]:
 
 
 __all__: Sequence[str] = (
-    "CpuOptions",
-    "LINEAR_KERNELS",
     "CONV_KERNELS",
+    "LINEAR_KERNELS",
+    "CpuOptions",
     "kernel_summary",
     "nbits_block_size",
     "pack_nbits",

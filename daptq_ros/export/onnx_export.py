@@ -328,7 +328,9 @@ def fp16_export_bytes(model: onnx.ModelProto) -> int:
     total = model.ByteSize()
     for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT:
-            half = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init).astype(np.float16), init.name)
+            half = onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(init).astype(np.float16), init.name
+            )
             total += half.ByteSize() - init.ByteSize()
     return total
 

@@ -125,7 +125,9 @@ class LayerQuant:
             q = q - zero.astype(np.float32)
         return (q * scale).reshape(self.w_int.shape).astype(np.float32)
 
-    def manifest_entry(self, flavour: str, kernel: str | None = None, accuracy_level: int = 4) -> dict[str, Any]:
+    def manifest_entry(
+        self, flavour: str, kernel: str | None = None, accuracy_level: int = 4
+    ) -> dict[str, Any]:
         """Manifest ``layers`` entry; ``kernel`` is the CPU-flavour kernel (``daptq_ros.export.cpu``).
 
         ``a_bits``/``act_granularity`` describe what the artifact computes: ``tensor`` = the
@@ -142,7 +144,12 @@ class LayerQuant:
         }
         if flavour == "cpu":
             entry["kernel"] = kernel or "dq"
-            granularity = {"int8": "tensor", "conv_int": "tensor", "dynamic": "dynamic_tensor"}.get(entry["kernel"])
+            granularity = {
+                "int8": "tensor",
+                "conv_int": "tensor",
+                "conv_im2col": "tensor",
+                "dynamic": "dynamic_tensor",
+            }.get(entry["kernel"])
             if entry["kernel"] == "nbits" and accuracy_level == 4:
                 granularity = "dynamic_block"
             if granularity is not None:
@@ -366,8 +373,11 @@ class _Rewriter:
                 break
             nodes = alive
         del graph.node[:]
-        graph.node.extend(_topological(nodes, {i.name for i in graph.input} | set(self.inits)
-                                       | {t.name for t in self.new_inits}))
+        graph.node.extend(
+            _topological(
+                nodes, {i.name for i in graph.input} | set(self.inits) | {t.name for t in self.new_inits}
+            )
+        )
         used = {name for n in graph.node for name in n.input}
         kept = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]

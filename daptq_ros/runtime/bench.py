@@ -281,8 +281,8 @@ def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads:
         f"{machine['cores']} cores, "
         f"onnxruntime {machine['onnxruntime']}, {machine['provider']}, threads={threads or 'default'}",
         "",
-        "| artifact | method | flavour | avg bits | size KiB | size ratio | size / FP16 | median ms | p99 ms | "
-        "latency ratio [p25-p75] | speed-up | peak RSS MB |",
+        "| artifact | method | flavour | avg bits | size KiB | size ratio | size / FP16 | median ms | "
+        "p99 ms | latency ratio [p25-p75] | speed-up | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
