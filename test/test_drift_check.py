@@ -103,6 +103,7 @@ def test_identical_artifacts_report_zero_drift_and_pass(bag, artifacts, tmp_path
     )
     summary = json.loads((report / "report.json").read_text())
     assert summary["passed"] and summary["frames"] == 48 and summary["episodes"] == 3
+    assert "gripper" in summary["thresholds"]["per_dof"]  # the shipped config/drift.yaml is the default
     assert summary["drift"]["max_m"] == 0.0
     assert all(v == 0.0 for dof in summary["action_error"].values() for v in dof.values())
     assert summary["recorded_commands"]["available"]

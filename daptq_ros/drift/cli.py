@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="config",
         type=Path,
         default=None,
-        help="drift config YAML (topics, thresholds, kinematics; see config/drift.yaml)",
+        help="drift config YAML (topics, thresholds, kinematics; default: the shipped config/drift.yaml)",
     )
     parser.add_argument(
         "--topics",
@@ -80,11 +80,13 @@ def apply_topic_overrides(config, overrides: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from daptq_ros.drift.check import PolicyLoadError, check_drift
-    from daptq_ros.drift.config import load_drift_config
+    from daptq_ros.drift.config import default_config_path, load_drift_config
     from daptq_ros.drift.replay import ReplayError
 
     try:
-        config = load_drift_config(args.config)
+        source = args.config if args.config is not None else default_config_path()
+        logger.info("drift config: %s", source or "built-in defaults")
+        config = load_drift_config(source)
         apply_topic_overrides(config, args.topics)
         if args.max_frames is not None:
             if args.max_frames < 1:

@@ -147,6 +147,20 @@ class DriftConfig:
             raise ValueError(f"version must be {CONFIG_VERSION}, got {self.version}")
 
 
+def default_config_path() -> Path | None:
+    """The shipped ``config/drift.yaml``: repository checkout first, then the ament share directory."""
+    repo = Path(__file__).resolve().parents[2] / "config" / "drift.yaml"
+    if repo.is_file():
+        return repo
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        share = Path(get_package_share_directory("daptq_ros")) / "config" / "drift.yaml"
+    except Exception:  # ament_index missing or the package is not colcon-installed
+        return None
+    return share if share.is_file() else None
+
+
 def load_drift_config(source: str | Path | dict[str, Any] | None) -> DriftConfig:
     """Load a :class:`DriftConfig` from YAML (key ``drift``), a dict (same layout) or None (defaults)."""
     return load_config(DriftConfig, source, section="drift" if source is not None else None)

@@ -30,7 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="topics to record (default: the image, instruction, joint-state and command "
         "topics of the drift config)",
     )
-    parser.add_argument("--config", type=Path, default=None, help="drift config YAML (default topics)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="drift config YAML for the default topics (default: shipped)",
+    )
     parser.add_argument(
         "--types",
         nargs="+",
@@ -103,10 +108,10 @@ def demo_episodes(demo_dir: Path, max_episodes: int | None = None) -> list:
 def run(args: argparse.Namespace) -> int:
     from daptq_ros.drift.bag_io import BagError
     from daptq_ros.drift.bag_writer import write_episodes_bag
-    from daptq_ros.drift.config import load_drift_config
+    from daptq_ros.drift.config import default_config_path, load_drift_config
 
     try:
-        config = load_drift_config(args.config)
+        config = load_drift_config(args.config if args.config is not None else default_config_path())
         if args.from_demos is not None:
             episodes = demo_episodes(args.from_demos, args.max_episodes)
             write_episodes_bag(args.out, episodes, config.topics, storage=args.storage, rate_hz=args.rate)
