@@ -173,7 +173,12 @@ def write_plots(
     for ep in _worst_episodes(summary, WORST_EPISODES):
         idx = np.flatnonzero(result.episode == ep)
         fig, axes = plt.subplots(
-            len(names), 1, figsize=(8, 1.8 * len(names) + 0.6), sharex=True, squeeze=False
+            len(names),
+            2,
+            figsize=(12, 1.8 * len(names) + 0.6),
+            sharex=True,
+            squeeze=False,
+            gridspec_kw={"width_ratios": [3, 2]},
         )
         for j, name in enumerate(names):
             ax = axes[j, 0]
@@ -183,8 +188,19 @@ def write_plots(
             )
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
+            # Right: the signed error and its running mean (a bias is what accumulates into drift).
+            err = result.candidate_actions[idx, j] - result.reference_actions[idx, j]
+            ax = axes[j, 1]
+            ax.plot(t_ep[idx], err, color="tab:gray", lw=1, label="candidate - reference")
+            ax.plot(
+                t_ep[idx], np.cumsum(err) / np.arange(1, err.size + 1), color="black", label="running mean"
+            )
+            ax.axhline(0, color="tab:blue", lw=0.8)
+            ax.grid(alpha=0.3)
         axes[0, 0].legend(loc="upper right", fontsize=8)
+        axes[0, 1].legend(loc="upper right", fontsize=8)
         axes[-1, 0].set_xlabel("time in episode (s)")
+        axes[-1, 1].set_xlabel("time in episode (s)")
         fig.suptitle(f"executed actions, episode {ep}: {result.instructions[ep]!r}", fontsize=9)
         fig.tight_layout()
         fname = f"actions_episode{ep}.png"
