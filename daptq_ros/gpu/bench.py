@@ -195,7 +195,7 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     if e2e is not None:
         specs.append(e2e)
     if settings.include_1b and not settings.smoke:
-        specs.append(_trunk_spec(vla_trunk_config(20), settings, min_left_s=100.0))
+        specs.append(_trunk_spec(vla_trunk_config(20), settings, min_left_s=120.0))
     return specs
 
 
