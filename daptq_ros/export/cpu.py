@@ -60,6 +60,7 @@ WEIGHT_ONLY_CHOICES = ("dynamic", "float", "nbits")
 CONV_CHOICES = ("im2col", "integer", "float")
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes (powers of two, >= 16)
 UINT8_MID = 128
+IM2COL_MIN_CHANNELS = 16  # input channels below which a quantized conv uses ConvInteger
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class CpuOptions:
     accuracy_level: int = 4
     conv: str = "im2col"
     nbits_block: int = 0
+    im2col: str = "gather"
 
     def __post_init__(self) -> None:
         if self.weight_only not in WEIGHT_ONLY_CHOICES:
@@ -92,6 +94,8 @@ class CpuOptions:
             raise ExportError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
         if self.conv not in CONV_CHOICES:
             raise ExportError(f"conv must be one of {CONV_CHOICES}, got {self.conv!r}")
+        if self.im2col not in ("gather", "slices"):
+            raise ExportError(f"im2col must be 'gather' or 'slices', got {self.im2col!r}")
         if self.nbits_block and self.nbits_block not in NBITS_BLOCKS:
             raise ExportError(f"nbits_block must be 0 or one of {NBITS_BLOCKS}, got {self.nbits_block}")
 
@@ -362,7 +366,10 @@ class _CpuRewriter(_Rewriter):
             attrs = _attrs(node)
             plain = attrs.get("group", 1) == 1 and set(attrs.get("dilations", [1])) == {1}
             plain = plain and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-            if self.options.conv == "im2col" and plain and node.input[0] in self.shapes:
+            # im2col copies C-byte pixel rows: with few input channels (an RGB stem) the copies are
+            # too small to pay off and ConvInteger is faster (measured, docs/cpu_latency.md)
+            wide = lq.w_int.shape[1] >= IM2COL_MIN_CHANNELS
+            if self.options.conv == "im2col" and plain and wide and node.input[0] in self.shapes:
                 return "conv_im2col"
             return "conv_int" if symmetric_or_scalar else "float"
         grouped = 0 < lq.group_size < k
@@ -538,20 +545,10 @@ class _CpuRewriter(_Rewriter):
             pads = self._init(f"{tag}.pads", np.array([0, pt, pl, 0, 0, pb, pr, 0], np.int64))
             nodes.append(helper.make_node("Pad", [src, pads, x_zero], [f"{tag}.pad"], name=f"{tag}.pad"))
             src = f"{tag}.pad"
-        axes = self._shared_const("daptq_im2col_axes", np.array([1, 2], np.int64))
-        steps = self._init(f"{tag}.steps", np.array([sh, sw], np.int64))
-        cols = []
-        for i in range(kh):
-            for j in range(kw):
-                starts = self._init(f"{tag}.st{i}{j}", np.array([i, j], np.int64))
-                ends = self._init(
-                    f"{tag}.en{i}{j}", np.array([i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1], np.int64)
-                )
-                cols.append(f"{tag}.col{i}{j}")
-                nodes.append(
-                    helper.make_node("Slice", [src, starts, ends, axes, steps], [cols[-1]], name=cols[-1])
-                )
-        nodes.append(helper.make_node("Concat", cols, [f"{tag}.col"], name=f"{tag}.col", axis=3))
+        if self.options.im2col == "gather":
+            nodes += self._im2col_gather(tag, src, c, (h + pt + pb, w + pl + pr), (kh, kw), (sh, sw), (ho, wo))
+        else:
+            nodes += self._im2col_slices(tag, src, (kh, kw), (sh, sw), (ho, wo))
         flat = self._init(f"{tag}.colshape", np.array([1, ho * wo, k], np.int64))
         nodes.append(helper.make_node("Reshape", [f"{tag}.col", flat], [f"{tag}.cols"], name=f"{tag}.cols"))
         self.before[id(node)].extend(nodes)
@@ -569,6 +566,67 @@ class _CpuRewriter(_Rewriter):
             ]
         )
         self.counts["MatMulIntegerToFloat"] += 1
+
+    def _im2col_slices(
+        self, tag: str, src: str, kernel: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]
+    ) -> list[onnx.NodeProto]:
+        """kh*kw strided Slices of the padded NHWC input, concatenated on channels -> (1,Ho,Wo,K)."""
+        (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
+        axes = self._shared_const("daptq_im2col_axes", np.array([1, 2], np.int64))
+        steps = self._init(f"{tag}.steps", np.array([sh, sw], np.int64))
+        nodes, cols = [], []
+        for i in range(kh):
+            for j in range(kw):
+                starts = self._init(f"{tag}.st{i}{j}", np.array([i, j], np.int64))
+                ends = self._init(
+                    f"{tag}.en{i}{j}", np.array([i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1], np.int64)
+                )
+                cols.append(f"{tag}.col{i}{j}")
+                nodes.append(helper.make_node("Slice", [src, starts, ends, axes, steps], [cols[-1]], name=cols[-1]))
+        nodes.append(helper.make_node("Concat", cols, [f"{tag}.col"], name=f"{tag}.col", axis=3))
+        return nodes
+
+    def _im2col_gather(
+        self,
+        tag: str,
+        src: str,
+        channels: int,
+        padded_hw: tuple[int, int],
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        out_hw: tuple[int, int],
+    ) -> list[onnx.NodeProto]:
+        """One Gather of C-byte pixel rows of the padded NHWC input -> (HoWo*kh*kw, C).
+
+        The row indices ``(oy*sh + i)*Wp + ox*sw + j`` are built from Range/Mul/Add on constants,
+        so ORT folds them at load and the file does not carry them.
+        """
+        (hp, wp), (kh, kw), (sh, sw), (ho, wo) = padded_hw, kernel, stride, out_hw
+
+        def const(name: str, value: Any) -> str:
+            return self._init(f"{tag}.g{name}", np.array(value, np.int64))
+
+        zero, one = self._shared_const("daptq_i64_0", np.array(0, np.int64)), self._shared_const(
+            "daptq_i64_1", np.array(1, np.int64)
+        )
+        nodes = [
+            helper.make_node("Range", [zero, const("ho", ho), one], [f"{tag}.ry"], name=f"{tag}.ry"),
+            helper.make_node("Range", [zero, const("wo", wo), one], [f"{tag}.rx"], name=f"{tag}.rx"),
+            helper.make_node("Mul", [f"{tag}.ry", const("syw", sh * wp)], [f"{tag}.ryw"], name=f"{tag}.ryw"),
+            helper.make_node("Mul", [f"{tag}.rx", const("sx", sw)], [f"{tag}.rxs"], name=f"{tag}.rxs"),
+            helper.make_node("Reshape", [f"{tag}.ryw", const("ys", [ho, 1, 1])], [f"{tag}.ry3"], name=f"{tag}.ry3"),
+            helper.make_node("Reshape", [f"{tag}.rxs", const("xs", [1, wo, 1])], [f"{tag}.rx3"], name=f"{tag}.rx3"),
+            helper.make_node("Add", [f"{tag}.ry3", f"{tag}.rx3"], [f"{tag}.base"], name=f"{tag}.base"),
+        ]
+        taps = const("taps", [[[i * wp + j for i in range(kh) for j in range(kw)]]])
+        nodes += [
+            helper.make_node("Add", [f"{tag}.base", taps], [f"{tag}.idx3"], name=f"{tag}.idx3"),
+            helper.make_node("Reshape", [f"{tag}.idx3", const("flat", [-1])], [f"{tag}.idx"], name=f"{tag}.idx"),
+            helper.make_node("Reshape", [src, const("rows", [hp * wp, channels])], [f"{tag}.rows"],
+                             name=f"{tag}.rows"),
+            helper.make_node("Gather", [f"{tag}.rows", f"{tag}.idx"], [f"{tag}.col"], name=f"{tag}.col", axis=0),
+        ]
+        return nodes
 
     def _conv_integer(self, node: onnx.NodeProto, lq: LayerQuant, tag: str) -> None:
         attrs = {
