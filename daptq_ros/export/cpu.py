@@ -546,7 +546,9 @@ class _CpuRewriter(_Rewriter):
             nodes.append(helper.make_node("Pad", [src, pads, x_zero], [f"{tag}.pad"], name=f"{tag}.pad"))
             src = f"{tag}.pad"
         if self.options.im2col == "gather":
-            nodes += self._im2col_gather(tag, src, c, (h + pt + pb, w + pl + pr), (kh, kw), (sh, sw), (ho, wo))
+            nodes += self._im2col_gather(
+                tag, src, c, (h + pt + pb, w + pl + pr), (kh, kw), (sh, sw), (ho, wo)
+            )
         else:
             nodes += self._im2col_slices(tag, src, (kh, kw), (sh, sw), (ho, wo))
         flat = self._init(f"{tag}.colshape", np.array([1, ho * wo, k], np.int64))
@@ -582,7 +584,9 @@ class _CpuRewriter(_Rewriter):
                     f"{tag}.en{i}{j}", np.array([i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1], np.int64)
                 )
                 cols.append(f"{tag}.col{i}{j}")
-                nodes.append(helper.make_node("Slice", [src, starts, ends, axes, steps], [cols[-1]], name=cols[-1]))
+                nodes.append(
+                    helper.make_node("Slice", [src, starts, ends, axes, steps], [cols[-1]], name=cols[-1])
+                )
         nodes.append(helper.make_node("Concat", cols, [f"{tag}.col"], name=f"{tag}.col", axis=3))
         return nodes
 
@@ -606,25 +610,35 @@ class _CpuRewriter(_Rewriter):
         def const(name: str, value: Any) -> str:
             return self._init(f"{tag}.g{name}", np.array(value, np.int64))
 
-        zero, one = self._shared_const("daptq_i64_0", np.array(0, np.int64)), self._shared_const(
-            "daptq_i64_1", np.array(1, np.int64)
+        zero, one = (
+            self._shared_const("daptq_i64_0", np.array(0, np.int64)),
+            self._shared_const("daptq_i64_1", np.array(1, np.int64)),
         )
         nodes = [
             helper.make_node("Range", [zero, const("ho", ho), one], [f"{tag}.ry"], name=f"{tag}.ry"),
             helper.make_node("Range", [zero, const("wo", wo), one], [f"{tag}.rx"], name=f"{tag}.rx"),
             helper.make_node("Mul", [f"{tag}.ry", const("syw", sh * wp)], [f"{tag}.ryw"], name=f"{tag}.ryw"),
             helper.make_node("Mul", [f"{tag}.rx", const("sx", sw)], [f"{tag}.rxs"], name=f"{tag}.rxs"),
-            helper.make_node("Reshape", [f"{tag}.ryw", const("ys", [ho, 1, 1])], [f"{tag}.ry3"], name=f"{tag}.ry3"),
-            helper.make_node("Reshape", [f"{tag}.rxs", const("xs", [1, wo, 1])], [f"{tag}.rx3"], name=f"{tag}.rx3"),
+            helper.make_node(
+                "Reshape", [f"{tag}.ryw", const("ys", [ho, 1, 1])], [f"{tag}.ry3"], name=f"{tag}.ry3"
+            ),
+            helper.make_node(
+                "Reshape", [f"{tag}.rxs", const("xs", [1, wo, 1])], [f"{tag}.rx3"], name=f"{tag}.rx3"
+            ),
             helper.make_node("Add", [f"{tag}.ry3", f"{tag}.rx3"], [f"{tag}.base"], name=f"{tag}.base"),
         ]
         taps = const("taps", [[[i * wp + j for i in range(kh) for j in range(kw)]]])
         nodes += [
             helper.make_node("Add", [f"{tag}.base", taps], [f"{tag}.idx3"], name=f"{tag}.idx3"),
-            helper.make_node("Reshape", [f"{tag}.idx3", const("flat", [-1])], [f"{tag}.idx"], name=f"{tag}.idx"),
-            helper.make_node("Reshape", [src, const("rows", [hp * wp, channels])], [f"{tag}.rows"],
-                             name=f"{tag}.rows"),
-            helper.make_node("Gather", [f"{tag}.rows", f"{tag}.idx"], [f"{tag}.col"], name=f"{tag}.col", axis=0),
+            helper.make_node(
+                "Reshape", [f"{tag}.idx3", const("flat", [-1])], [f"{tag}.idx"], name=f"{tag}.idx"
+            ),
+            helper.make_node(
+                "Reshape", [src, const("rows", [hp * wp, channels])], [f"{tag}.rows"], name=f"{tag}.rows"
+            ),
+            helper.make_node(
+                "Gather", [f"{tag}.rows", f"{tag}.idx"], [f"{tag}.col"], name=f"{tag}.col", axis=0
+            ),
         ]
         return nodes
 
