@@ -72,6 +72,5 @@ setup(
     maintainer_email="maintainers@daptq-ros.dev",
     description="Drift-aware post-training quantization for VLA robot policies, with ROS 2 deployment.",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={"console_scripts": [f"{name} = {target}" for name, target in SCRIPTS.items()]},
 )
