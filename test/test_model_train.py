@@ -127,6 +127,27 @@ def test_selection_key_and_schedule():
     assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    # a time limit that is ahead of the step count drives the decay (runs cut by time end annealed)
+    assert lr_factor(20, 100, 10, 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_factor(20, 100, 10, 0.1, time_fraction=1.2) == pytest.approx(0.1)
+    assert lr_factor(80, 100, 10, 0.1, time_fraction=0.01) == lr_factor(80, 100, 10, 0.1)
+
+
+def test_time_limit_stops_and_anneals(data, tmp_path):
+    model_cfg, train_cfg = load_model_file(TINY)
+    train_cfg.steps, train_cfg.log_every, train_cfg.val_every = 100000, 1, 100000
+    run = TrainRun(
+        demos=data / "demos",
+        instructions=data / "cache.safetensors",
+        out=tmp_path / "p.safetensors",
+        device="cpu",
+        time_limit_s=1.0,
+    )
+    summary = train(run, model_cfg, train_cfg)
+    assert 0 < summary["steps_done"] < 100000
+    lrs = [h["lr"] for h in summary["history"] if "lr" in h]
+    assert lrs[-1] < 0.2 * max(lrs)  # the schedule followed elapsed time down to (near) min_lr
+    assert load_checkpoint(tmp_path / "p.safetensors").meta["train"]["step"] == summary["steps_done"]
 
 
 def test_model_file_errors_name_the_key(tmp_path):

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,9 @@ class TrainRun:
         log_json: optional path of the JSON training log.
         command: the command line, stored in the checkpoint metadata.
         init: optional checkpoint to warm-start from (its config and norm stats are used).
-        time_limit_s: stop the optimization loop after this many seconds (then validate/save).
+        time_limit_s: stop the optimization loop after this many seconds (then validate/save);
+            the cosine decay then follows elapsed time when that is ahead of the step count, so
+            the run still ends annealed (learning rates then depend on timing: not bit-reproducible).
         compile: ``torch.compile`` the training loss with CUDA graphs; None = on CUDA only
             (about 3x faster steps on an H100, ~35 s of start-up).
     """
@@ -86,7 +88,6 @@ class TrainRun:
     init: Path | None = None
     time_limit_s: float | None = None
     compile: bool | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def git_revision() -> str:
@@ -116,11 +117,15 @@ def git_revision() -> str:
     return f"{rev}-dirty" if dirty else rev
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_fraction: float = 0.0) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``.
+
+    ``time_fraction`` (elapsed / time limit) advances the decay when it is ahead of the step
+    count, so a run stopped by its time limit still ends annealed.
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -303,8 +308,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             _param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), fused=device.type == "cuda"
         )
+        self.time_fraction = 0.0  # elapsed / time limit, updated every step when a limit is set
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
+            self.opt, lambda s: lr_factor(s, tc.steps, tc.warmup_steps, tc.min_lr_ratio, self.time_fraction)
         )
         self.compiled = device.type == "cuda" if self.run.compile is None else self.run.compile
         self.loss_fn = model.loss
@@ -409,7 +415,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.4f}", fps=f"{fps:.0f}")
                 running.zero_()
                 n_running, t_mark, frames_mark = 0, now, 0
-            if run.time_limit_s is not None and time.perf_counter() - self.t_start > run.time_limit_s:
+            if run.time_limit_s is not None:
+                self.time_fraction = (time.perf_counter() - self.t_start) / run.time_limit_s
+            if self.time_fraction > 1.0:
                 logger.warning("time limit %.0f s reached at step %d of %d", run.time_limit_s, step, tc.steps)
                 break
             if step < tc.steps and (
