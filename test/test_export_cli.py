@@ -150,7 +150,7 @@ def test_export_quantized_checkpoint_cpu_flavour(checkpoints, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["flavour"] == "cpu"
     assert {n: e["kernel"] for n, e in manifest["layers"].items()} == {
-        "vision.conv1": "conv_im2col",  # static int8 input scale: U8S8 GEMM over an im2col
+        "vision.conv1": "conv_int",  # static int8 input scale; 3 input channels: ConvInteger
         "lang_proj": "dynamic",  # weight-only per channel
         "trunk.blocks.0.attn.q_proj": "nbits",  # grouped (16)
         "trunk.blocks.0.mlp.fc1": "int8",  # static int8 activations, per channel
@@ -158,10 +158,10 @@ def test_export_quantized_checkpoint_cpu_flavour(checkpoints, tmp_path):
     }
     assert manifest["layers"]["action_head.blocks.0.mlp.fc1"]["a_bits_quantizer"] == 8
     ran = runtime_op_counts(out)
-    assert "DequantizeLinear" not in ran and "ConvInteger" not in ran
+    assert "DequantizeLinear" not in ran and ran["ConvInteger"] == 1
     # flow head fc1 runs once per flow step (2 steps), all over one initializer
     assert ran["MatMulNBits"] == 1 + 2 and ran["DynamicQuantizeMatMul"] == 1
-    assert ran["MatMulIntegerToFloat"] == 2  # conv1 (im2col) + trunk fc1
+    assert ran["MatMulIntegerToFloat"] == 1  # trunk fc1
     policy = OnnxStepPolicy(out, threads=1, allow_encode=False)
     feeds = model.example_inputs(1, seed=5)
     with torch.no_grad():
@@ -169,10 +169,19 @@ def test_export_quantized_checkpoint_cpu_flavour(checkpoints, tmp_path):
     got = policy.session.run({k: v.numpy() for k, v in feeds.items()})["actions"]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
     exact = tmp_path / "cpu_exact"  # float compute where activations were not statically quantized
-    args = ["--cpu-weight-only", "float", "--cpu-accuracy-level", "0", "--cpu-conv", "integer"]
+    args = [
+        "--cpu-weight-only",
+        "float",
+        "--cpu-accuracy-level",
+        "0",
+        "--cpu-conv",
+        "float",
+        "--cpu-u8-weights",
+    ]
     assert main(["export", "--quantized", str(q_path), "--out", str(exact), "--flavour", "cpu", *args]) == 0
     layers = json.loads((exact / "manifest.json").read_text())["layers"]
-    assert layers["lang_proj"]["kernel"] == "float" and layers["vision.conv1"]["kernel"] == "conv_int"
+    assert layers["lang_proj"]["kernel"] == "float" and layers["vision.conv1"]["kernel"] == "float"
+    assert json.loads((exact / "manifest.json").read_text())["config"]["cpu_options"]["u8_weights"] is True
 
 
 def test_export_refusals(checkpoints, tmp_path):

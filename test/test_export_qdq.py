@@ -12,7 +12,7 @@ from test_export_fp32 import build_artifact, example_inputs
 
 from daptq_ros.export.cpu import CpuOptions, nbits_block_size, pack_nbits
 from daptq_ros.export.onnx_export import ExportError
-from daptq_ros.export.qdq import LayerQuant, export_qdq, rewrite_qdq
+from daptq_ros.export.qdq import LayerQuant, compress_constant_grids, export_qdq, rewrite_qdq
 from daptq_ros.runtime.manifest import read_manifest
 from daptq_ros.runtime.session import PolicySession
 
@@ -236,9 +236,10 @@ def test_cpu_weight_only_kernels(fp, tmp_path):
     check_parity(model, plan, tmp_path / "w4x", tol_exact=1e-4, tol_fused=1e-4)
 
 
-@pytest.mark.parametrize("conv", ["im2col", "integer"])
-def test_cpu_static_int8_kernels_and_low_bit_storage(fp, tmp_path, conv):
-    """W(2..8)A8 with the quantizer's activation scales: U8S8 integer kernels, bit-exact storage."""
+@pytest.mark.parametrize("u8", [False, True])
+def test_cpu_static_int8_kernels_and_low_bit_storage(fp, tmp_path, u8):
+    """W(2..8)A8 with the quantizer's activation scales: integer kernels (U8S8, or U8U8 with
+    ``u8_weights``), bit-exact storage."""
     model, path = fp
     scales = input_scales(model, ALL_LAYERS)
     bits = {
@@ -261,10 +262,11 @@ def test_cpu_static_int8_kernels_and_low_bit_storage(fp, tmp_path, conv):
         )
         for n, b in bits.items()
     ]
-    m = export_qdq(path, plan, tmp_path / "q", flavour="cpu", method="rtn", cpu_options=CpuOptions(conv=conv))
-    conv_kernel = "conv_im2col" if conv == "im2col" else "conv_int"
+    options = CpuOptions(u8_weights=u8)
+    m = export_qdq(path, plan, tmp_path / "q", flavour="cpu", method="rtn", cpu_options=options)
+    # the RGB stem conv has 3 input channels: ConvInteger (im2col only pays off from 16 channels)
     assert {n: e["kernel"] for n, e in m.layers.items()} == {n: "int8" for n in bits} | {
-        "vision.0": conv_kernel
+        "vision.0": "conv_int"
     }
     assert all(e["a_bits"] == 8 and e["act_granularity"] == "tensor" for e in m.layers.values())
     proto, counts, types = op_counts(tmp_path / "q" / "model.onnx")
@@ -284,9 +286,78 @@ def test_cpu_static_int8_kernels_and_low_bit_storage(fp, tmp_path, conv):
     )  # no float weight copies
     ran = runtime_ops(tmp_path / "q")
     unpack = {"BitShift", "BitwiseAnd", "BitwiseOr", "Slice", "Sub"} & ran.keys()
-    assert ran["MatMulIntegerToFloat"] == 7 + (conv == "im2col") and not unpack - {"Slice"}
-    assert ("ConvInteger" in ran) == (conv == "integer") and "DequantizeLinear" not in ran
+    assert ran["MatMulIntegerToFloat"] == 7 and not unpack - {"Slice"}  # weight unpacking folded at load
+    assert ran["ConvInteger"] == 1 and "DequantizeLinear" not in ran
     check_parity(model, plan, tmp_path / "q", tol_exact=2e-3, tol_fused=2e-3)
+
+
+class _Stem(torch.nn.Module):
+    """Conv stem with >= 16 channels (im2col path): stride-2 conv, GELU, residual stride-1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(24, 24, 3, stride=1, padding=1)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.conv1(x))
+        h = h + torch.nn.functional.gelu(self.conv2(h))
+        return h.flatten(2).transpose(1, 2)
+
+
+def test_cpu_conv_im2col_matches_conv_integer(tmp_path):
+    """im2col (Gather or Slices) + U8S8 GEMM computes the same integers as ConvInteger."""
+    torch.manual_seed(0)
+    model = _Stem().eval()
+    x = torch.randn(1, 16, 20, 20)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(tmp_path / "t.onnx"),
+        dynamo=True,
+        opset_version=21,
+        input_names=["x"],
+        output_names=["y"],
+    )
+    amax = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: amax.__setitem__(n, float(a[0].abs().max()))
+        )
+        for n in ("conv1", "conv2")
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    plan = [
+        rtn(n, model.get_submodule(n).weight, b, input_scale=amax[n] / 127)
+        for n, b in (("conv1", 8), ("conv2", 3))
+    ]
+    with torch.no_grad():
+        ref = fake_quant_reference(model, plan)(x).numpy()
+    outs = {}
+    for name, options in {
+        "gather": CpuOptions(),
+        "slices": CpuOptions(im2col="slices"),
+        "integer": CpuOptions(conv="integer"),
+    }.items():
+        proto = onnx.load(str(tmp_path / "t.onnx"))
+        kernels: dict = {}
+        rewrite_qdq(proto, plan, flavour="cpu", cpu_options=options, kernels=kernels)
+        assert set(kernels.values()) == {"conv_int" if name == "integer" else "conv_im2col"}
+        onnx.checker.check_model(proto, full_check=True)
+        (tmp_path / name).mkdir()
+        onnx.save(proto, str(tmp_path / name / "model.onnx"))
+        ran = runtime_ops(tmp_path / name)
+        if name != "integer":
+            assert "ConvInteger" not in ran and ran["MatMulIntegerToFloat"] == 2
+            assert ran.get("Transpose", 0) <= 4  # 2 per conv + 1 of the model, minus cancelled pairs
+            assert ran.get("Gather", 0) == (2 if name == "gather" else 0)
+        outs[name] = ort_run(tmp_path / name / "model.onnx", {"x": x.numpy()}, disable_all=False)
+    for name in ("slices", "integer"):
+        np.testing.assert_allclose(outs[name], outs["gather"], rtol=1e-5, atol=1e-5)
+    assert rel_err(outs["gather"], ref) < 1e-4
 
 
 def test_nbits_packing_matches_dequantize():
@@ -328,6 +399,31 @@ def test_nbits_packing_matches_dequantize():
         x = rng.standard_normal((3, k)).astype(np.float32)
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ lq.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_compress_constant_grids_is_lossless():
+    """A CoordConv grid (x along W, y along H) is stored as two vectors and rebuilt at load."""
+    lin = np.linspace(-1, 1, 64, dtype=np.float32)
+    yy, xx = np.meshgrid(lin, lin, indexing="ij")
+    grid = np.stack([xx, yy])[None].astype(np.float32)
+    node = onnx.helper.make_node("Add", ["x", "coords"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 64, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 64, 64])],
+        [onnx.numpy_helper.from_array(grid, "coords")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    before = proto.ByteSize()
+    assert compress_constant_grids(proto) == 1 and proto.ByteSize() < before // 20
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 2, 64, 64), np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], grid)
+    noisy = grid + np.random.default_rng(0).standard_normal(grid.shape).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(noisy, "other"))
+    assert compress_constant_grids(proto) == 0  # not separable: kept as is
 
 
 def test_cpu_shared_layer_one_initializer(tmp_path):

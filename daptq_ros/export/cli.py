@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "input's patches, integer = ConvInteger (U8U8), both with the quantizer's input scale; "
         "float = dequantized weights folded at load, input kept float",
     )
+    parser.add_argument(
+        "--cpu-u8-weights",
+        action="store_true",
+        help="cpu flavour: uint8 weights (U8U8 GEMMs), exact on x86 CPUs without VNNI where U8S8 "
+        "int8 GEMMs with 8-bit weights can saturate (slower on VNNI CPUs)",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (QDQ needs >= 21)")
     parser.add_argument(
         "--instructions",
@@ -158,7 +164,10 @@ def _export_quantized(args: argparse.Namespace) -> Any:
             avg_bits=ckpt.avg_bits,
             extra_config={"recipe": ckpt.meta.get("recipe", {})},
             cpu_options=CpuOptions(
-                weight_only=args.cpu_weight_only, accuracy_level=args.cpu_accuracy_level, conv=args.cpu_conv
+                weight_only=args.cpu_weight_only,
+                accuracy_level=args.cpu_accuracy_level,
+                conv=args.cpu_conv,
+                u8_weights=args.cpu_u8_weights,
             ),
         )
 

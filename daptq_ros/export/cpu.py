@@ -77,6 +77,9 @@ class CpuOptions:
             of the quantized input), ``integer`` (ConvInteger, U8U8) -- both with the quantizer's
             input scale and the same integer math -- or ``float`` (folded dequantized weights,
             input kept float).
+        im2col: ``gather`` (one Gather of pixel rows) or ``slices`` (kh*kw Slices + Concat).
+        u8_weights: integer kernels get uint8 weights (``q + 128``, zero point 128): U8U8 GEMMs,
+            exact on AVX2 CPUs without VNNI, where U8S8 with 8-bit weights can saturate.
         nbits_block: MatMulNBits block size for per-channel layers routed to ``nbits`` (0 = the
             largest supported power of two not above K).
     """
@@ -86,6 +89,7 @@ class CpuOptions:
     conv: str = "im2col"
     nbits_block: int = 0
     im2col: str = "gather"
+    u8_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_only not in WEIGHT_ONLY_CHOICES:
@@ -291,6 +295,22 @@ class _CpuRewriter(_Rewriter):
         flat8 = self._node(node, "Cast", [signed], f"{base}.i8f", to=TensorProto.INT8)
         return self._node(node, "Reshape", [flat8, shape], f"{base}.i8")
 
+    def as_uint8(
+        self, node: onnx.NodeProto, lq: LayerQuant, q8: str, base: str, zero: np.ndarray | None
+    ) -> tuple[str, str]:
+        """(uint8 ``q + 128``, uint8 zero point [N]) from an int8 tensor, folded at load.
+
+        U8U8 GEMMs are exact on every x86 CPU; U8S8 can saturate 16-bit intermediates on AVX2
+        without VNNI when weights use the full int8 range (see docs/cpu_latency.md).
+        """
+        wide = self._node(node, "Cast", [q8], f"{base}.u32", to=TensorProto.INT32)
+        mid = self._shared_const("daptq_unpack_mid_u8", np.array(UINT8_MID, np.int32))
+        shifted = self._node(node, "Add", [wide, mid], f"{base}.ush")
+        u8 = self._node(node, "Cast", [shifted], f"{base}.u8", to=TensorProto.UINT8)
+        n = lq.w_int.shape[0]
+        zp = np.full(n, UINT8_MID, np.int32) + (zero.astype(np.int32) if zero is not None else 0)
+        return u8, self._init(f"{base}.uz", zp.astype(np.uint8))
+
     def int8_weight_kn(self, node: onnx.NodeProto, lq: LayerQuant) -> tuple[str, str, str]:
         """(int8 B[K, N], float scale [N], int8 zero point [N] or "") for the integer kernels."""
 
@@ -302,6 +322,8 @@ class _CpuRewriter(_Rewriter):
             zero = ""
             if lq.zero is not None:
                 zero = self._init(f"{base}.z", np.ascontiguousarray(lq.zero[:, 0]).astype(np.int8))
+            if self.options.u8_weights:
+                w, zero = self.as_uint8(node, lq, w, base, lq.zero[:, 0] if lq.zero is not None else None)
             return w, scale, zero
 
         return self._const((lq.name, "int8_kn"), build)
@@ -535,9 +557,12 @@ class _CpuRewriter(_Rewriter):
             wk = np.ascontiguousarray(lq.w_int.transpose(2, 3, 1, 0).reshape(k, o))
             q8 = self.stored_int8(node, lq, wk, "k")
             scale = self._init(f"{p}.w.s", np.ascontiguousarray(lq.scale[:, 0], dtype=np.float32))
-            return q8, scale
+            zero = ""
+            if self.options.u8_weights:
+                q8, zero = self.as_uint8(node, lq, q8, f"{p}.w", None)
+            return q8, scale, zero
 
-        w8, w_scale = self._const((lq.name, "im2col"), weights)
+        w8, w_scale, w_zero = self._const((lq.name, "im2col"), weights)
         xq, x_scale, x_zero = self.quant_input(node, node.input[0], float(lq.input_scale), tag)  # type: ignore[arg-type]
         nodes = [helper.make_node("Transpose", [xq], [f"{tag}.nhwc"], name=f"{tag}.nhwc", perm=[0, 2, 3, 1])]
         src = f"{tag}.nhwc"
@@ -558,7 +583,7 @@ class _CpuRewriter(_Rewriter):
         node.domain = MS_DOMAIN
         del node.attribute[:]
         bias_name = self._const((lq.name, "im2col_bias"), lambda: bias) if bias else ""
-        node.input[:] = [f"{tag}.cols", w8, x_scale, w_scale, x_zero, "", bias_name]
+        node.input[:] = [f"{tag}.cols", w8, x_scale, w_scale, x_zero, w_zero, bias_name]
         node.output[:] = [f"{tag}.y"]
         shape4 = self._init(f"{tag}.yshape", np.array([1, ho, wo, o], np.int64))
         self.after[id(node)].extend(

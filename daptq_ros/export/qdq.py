@@ -446,6 +446,56 @@ def rewrite_qdq(
     return rw.counts
 
 
+def compress_constant_grids(model: onnx.ModelProto, min_elements: int = 4096) -> int:
+    """Store separable (1, C, H, W) float constants as per-channel vectors, rebuilt at load.
+
+    A CoordConv grid (``vision.coords``: x varies along W only, y along H only) is 128 KiB of
+    float32 in the file, 4 % of a 4-bit policy; each channel that is constant along H or along W
+    is kept as its one varying row/column and ``Expand``-ed back (ORT and TensorRT fold the
+    constant subgraph at load). Lossless. Returns the number of constants rewritten.
+    """
+    graph = model.graph
+    rewritten, new_nodes, keep = 0, [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 4 or init.dims[0] != 1:
+            keep.append(init)
+            continue
+        value = numpy_helper.to_array(init)
+        if value.size < min_elements:
+            keep.append(init)
+            continue
+        _, c, h, w = value.shape
+        parts = []
+        for ch in range(c):
+            plane = value[0, ch]
+            if np.array_equal(plane, np.broadcast_to(plane[:1, :], plane.shape)):
+                parts.append(("row", plane[0].reshape(1, 1, 1, w)))
+            elif np.array_equal(plane, np.broadcast_to(plane[:, :1], plane.shape)):
+                parts.append(("col", plane[:, 0].reshape(1, 1, h, 1)))
+            else:
+                break
+        if len(parts) != c:
+            keep.append(init)
+            continue
+        shape = f"{init.name}.grid_shape"
+        keep.append(numpy_helper.from_array(np.array([1, 1, h, w], np.int64), shape))
+        pieces = []
+        for ch, (_, vec) in enumerate(parts):
+            src, out = f"{init.name}.grid{ch}", f"{init.name}.grid{ch}_full"
+            keep.append(numpy_helper.from_array(np.ascontiguousarray(vec, dtype=np.float32), src))
+            new_nodes.append(helper.make_node("Expand", [src, shape], [out], name=out))
+            pieces.append(out)
+        new_nodes.append(helper.make_node("Concat", pieces, [init.name], name=f"{init.name}.grid", axis=1))
+        rewritten += 1
+    if rewritten:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        nodes = new_nodes + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewritten
+
+
 def _ensure_opset(model: onnx.ModelProto) -> None:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
@@ -526,6 +576,7 @@ def export_qdq(
             "daptq.layers": json.dumps({lq.name: lq.w_bits for lq in plan}),
         },
     )
+    compress_constant_grids(model)
     strip_debug_metadata(model, keep=())  # the deployed graph needs no module scopes
     check_model(model)
     out_dir.mkdir(parents=True, exist_ok=True)

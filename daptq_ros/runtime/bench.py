@@ -4,7 +4,10 @@ All artifacts are measured in one process, in interleaved rounds (so background 
 artifact alike), after a warm-up. Ratios are relative to the first artifact (normally FP32):
 ``latency ratio`` is the median over rounds of (artifact median / first median) within the same
 round, which cancels load that changes between rounds; ``speed-up`` is the ratio of the overall
-medians. ``size / FP16`` compares each model file with the first artifact's graph re-serialized
+medians. ``CPU ms`` / ``CPU-time ratio`` use the process CPU time of each run (paired the same
+way): on a shared, loaded machine it excludes the time the run waited for a core, so with
+``--threads 1`` it is the steadier measure (with more threads ORT's spinning workers inflate it).
+``size / FP16`` compares each model file with the first artifact's graph re-serialized
 with float16 initializers (what an FP16 export would weigh). Example::
 
     daptq bench --artifacts artifacts/fp32 artifacts/w8a8 artifacts/w4a8 artifacts/mixed \
@@ -71,6 +74,8 @@ class BenchResult:
     latency_ratio: float = 1.0
     latency_ratio_p25: float = 1.0
     latency_ratio_p75: float = 1.0
+    cpu_median_ms: float = float("nan")
+    cpu_ratio: float = 1.0
     kernels: dict[str, int] = field(default_factory=dict)
     runtime_ops: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -216,24 +221,30 @@ def benchmark(
         sessions.append(session)
         feeds.append(feed)
     lat: list[list[float]] = [[] for _ in sessions]
+    cpu: list[list[float]] = [[] for _ in sessions]
     round_medians: list[list[float]] = [[] for _ in sessions]
+    round_cpu: list[list[float]] = [[] for _ in sessions]
     per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
     for n in per_round:
         if n == 0:
             continue
         for idx, session in enumerate(sessions):
-            times = []
+            times, cpu_times = [], []
             for _ in range(n):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 session.run(feeds[idx])
+                cpu_times.append((time.process_time() - cpu_start) * 1e3)
                 times.append((time.perf_counter() - start) * 1e3)
             lat[idx].extend(times)
+            cpu[idx].extend(cpu_times)
             round_medians[idx].append(float(np.median(times)))
+            round_cpu[idx].append(float(np.median(cpu_times)))
     results = []
     for idx, (path, session, times, mem) in enumerate(zip(artifacts, sessions, lat, rss, strict=True)):
         arr = np.asarray(times)
         m = session.manifest
         paired = np.asarray(round_medians[idx]) / np.asarray(round_medians[0])
+        paired_cpu = np.asarray(round_cpu[idx]) / np.asarray(round_cpu[0])
         cpu_kernels = m.config.get("cpu_kernels") if isinstance(m.config, dict) else None
         kernels: dict[str, int] = {}
         for kernel in (cpu_kernels or {}).values():
@@ -255,6 +266,8 @@ def benchmark(
                 latency_ratio=float(np.median(paired)),
                 latency_ratio_p25=float(np.percentile(paired, 25)),
                 latency_ratio_p75=float(np.percentile(paired, 75)),
+                cpu_median_ms=float(np.median(cpu[idx])),
+                cpu_ratio=float(np.median(paired_cpu)),
                 kernels=kernels,
                 runtime_ops=runtime_op_counts(path, threads) if runtime_ops else {},
                 latencies_ms=[round(t, 4) for t in times],
@@ -282,8 +295,8 @@ def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads:
         f"onnxruntime {machine['onnxruntime']}, {machine['provider']}, threads={threads or 'default'}",
         "",
         "| artifact | method | flavour | avg bits | size KiB | size ratio | size / FP16 | median ms | "
-        "p99 ms | latency ratio [p25-p75] | speed-up | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p99 ms | latency ratio [p25-p75] | CPU ms | CPU-time ratio | speed-up | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         fp16 = f"{r.size_vs_fp16:.3f}" if np.isfinite(r.size_vs_fp16) else "-"
@@ -292,6 +305,7 @@ def markdown_table(results: list[BenchResult], machine: dict[str, Any], threads:
             f"{r.model_bytes / 1024:.0f} | {r.size_ratio_vs_first:.3f} | {fp16} | "
             f"{r.median_ms:.3f} | {r.p99_ms:.3f} | "
             f"{r.latency_ratio:.3f} [{r.latency_ratio_p25:.3f}-{r.latency_ratio_p75:.3f}] | "
+            f"{r.cpu_median_ms:.3f} | {r.cpu_ratio:.3f} | "
             f"{r.speedup_vs_first:.2f}x | {r.peak_rss_delta_mb:.1f} |"
         )
     kernel_lines = [
