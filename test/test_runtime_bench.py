@@ -36,6 +36,37 @@ def test_benchmark_results(artifacts):
     assert machine["cores"] >= 1 and machine["onnxruntime"] and machine["provider"] == "CPUExecutionProvider"
 
 
+def test_u8s8_saturation_warning_only_for_8bit_weights_without_vnni(artifacts, tmp_path, caplog):
+    import logging
+
+    from test_export_fp32 import build_artifact
+
+    from daptq_ros.export.cpu import CpuOptions
+    from daptq_ros.runtime.manifest import read_manifest
+    from daptq_ros.runtime.session import PolicySession, u8s8_saturation_layers
+
+    model, fp = build_artifact(tmp_path / "fp32", seed=3)
+    plan = [
+        rtn("fc1", model.fc1.weight, 8, input_scale=0.05),
+        rtn("fc2", model.fc2.weight, 4, input_scale=0.05),
+    ]
+    export_qdq(fp, plan, tmp_path / "s8", flavour="cpu", method="rtn")
+    export_qdq(
+        fp, plan, tmp_path / "u8", flavour="cpu", method="rtn", cpu_options=CpuOptions(u8_weights=True)
+    )
+    s8, u8 = read_manifest(tmp_path / "s8"), read_manifest(tmp_path / "u8")
+    avx2 = {"avx2", "fma"}
+    assert u8s8_saturation_layers(s8, avx2) == ["fc1"]  # 8-bit weights; 4-bit fc2 cannot overflow
+    assert u8s8_saturation_layers(s8, avx2 | {"avx512_vnni"}) == []
+    assert u8s8_saturation_layers(s8, {"asimd"}) == []  # Arm: int32 dot products
+    assert u8s8_saturation_layers(u8, avx2) == []  # U8U8 kernels
+    assert u8s8_saturation_layers(read_manifest(artifacts[1]), avx2) == []  # MatMulNBits only
+    with caplog.at_level(logging.WARNING, logger="daptq_ros.runtime.session"):
+        PolicySession(tmp_path / "s8", threads=1)
+    warned = any("--cpu-u8-weights" in r.getMessage() for r in caplog.records)
+    assert warned == bool(u8s8_saturation_layers(s8))  # only on a non-VNNI x86 machine
+
+
 def test_bench_cli_json_and_errors(artifacts, tmp_path, capsys):
     out = tmp_path / "b.json"
     argv = [

@@ -41,6 +41,45 @@ ORT_DTYPES: dict[str, str] = {
 QDQ_DISABLED_OPTIMIZERS: tuple[str, ...] = ("QDQS8ToU8Transformer",)
 
 
+# CPU-flavour kernels that run U8S8 GEMMs (uint8 activations x int8 weights) on x86.
+U8S8_KERNELS: frozenset[str] = frozenset({"int8", "conv_im2col", "dynamic"})
+VNNI_FLAGS: tuple[str, ...] = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str] | None:
+    """x86 feature flags of this machine from /proc/cpuinfo (None where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return set()
+
+
+def u8s8_saturation_layers(manifest: Manifest, flags: set[str] | None = None) -> list[str]:
+    """CPU-flavour layers whose U8S8 GEMM may saturate on this CPU (x86 AVX2 without VNNI).
+
+    MLAS' AVX2 U8S8 kernel adds pairs of u8*s8 products in int16 (``vpmaddubsw``): with 8-bit
+    weights a pair can exceed 32767 and saturate (deploy-notes A, "ORT-CPU problems" (b)). VNNI
+    (and AMX, Arm dot products) accumulate in int32 and are exact; <=4-bit weights cannot overflow.
+    Re-export with ``--cpu-u8-weights`` (U8U8, exact everywhere) for such machines.
+    """
+    if manifest.flavour != "cpu":
+        return []
+    flags = cpu_flags() if flags is None else flags
+    if not flags or "avx2" not in flags or any(f in flags for f in VNNI_FLAGS):
+        return []
+    options = manifest.config.get("cpu_options") if isinstance(manifest.config, dict) else None
+    if isinstance(options, dict) and options.get("u8_weights"):
+        return []
+    return [
+        name
+        for name, layer in manifest.layers.items()
+        if layer.get("kernel") in U8S8_KERNELS and int(layer.get("w_bits", 16)) > 4
+    ]
+
+
 class ArtifactError(RuntimeError):
     """An artifact directory is incomplete, corrupt or does not match its manifest."""
 
@@ -148,6 +187,17 @@ class PolicySession:
         _compare_specs("outputs", self._session.get_outputs(), self.manifest.outputs, self.model_path)
         active = self._session.get_providers()
         self.provider: str = active[0] if active else CPU
+        if self.provider == CPU:
+            risky = u8s8_saturation_layers(self.manifest)
+            if risky:
+                logger.warning(
+                    "%s: %d layer(s) with 8-bit weights run U8S8 int8 GEMMs, which can saturate on this "
+                    "x86 CPU without VNNI (e.g. %s); re-export with `daptq export ... --flavour cpu "
+                    "--cpu-u8-weights` for exact U8U8 kernels",
+                    self.model_path,
+                    len(risky),
+                    risky[0],
+                )
         if self.provider != self.report.primary:
             logger.warning(
                 "requested %s but onnxruntime fell back to %s (provider init failed; see ORT log)",
