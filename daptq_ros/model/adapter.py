@@ -9,6 +9,7 @@ from torch import nn
 
 from daptq_ros.policy_api import ACTION_NAMES
 from daptq_ros.quant.adapter import AdapterError, PolicyAdapter
+from daptq_ros.quant.fakequant import QuantLinear
 
 INPUTS = ("image", "lang_tokens", "lang_mask", "proprio")
 INTERFACE_PREFIX = "vl_action_interface"
@@ -43,11 +44,12 @@ class ReferenceVLAAdapter(PolicyAdapter):
         return model(**inputs)
 
     def interface_layers(self, model: nn.Module) -> list[str]:
-        """The Linear layers of ``vl_action_interface`` (trunk readout → head conditioning z)."""
+        """The Linear layers of ``vl_action_interface`` (trunk readout → head conditioning z), float
+        or already fake-quantized (CSRC runs after quantization)."""
         names = [
             name
             for name, m in model.named_modules()
-            if name.startswith(INTERFACE_PREFIX + ".") and isinstance(m, nn.Linear)
+            if name.startswith(INTERFACE_PREFIX + ".") and isinstance(m, (nn.Linear, QuantLinear))
         ]
         if not names:
             raise AdapterError(f"model has no Linear layers under {INTERFACE_PREFIX!r}")

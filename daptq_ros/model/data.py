@@ -328,6 +328,7 @@ def calibration_batches(
     seed: int = 0,
     norm: NormStats | None = None,
     config: VLAConfig | None = None,
+    with_actions: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration batches for the quantizer, matching the Model I/O contract.
 
@@ -345,9 +346,13 @@ def calibration_batches(
         norm: the policy's normalization stats (from its checkpoint). When None they are computed
             from these demos, which only matches a policy trained on the same data.
         config: model config (image size, chunk size, action dim, head); defaults to VLAConfig().
+        with_actions: also add ``actions``, the demonstrated normalized action chunks (B, H, A)
+            (final action repeated past the episode end), for methods scored against demonstrations
+            (``PolicyAdapter.targets``; DA-PTQ's paper-faithful layer score).
 
     Returns:
-        list of dicts with ``image``, ``lang_tokens``, ``lang_mask``, ``proprio`` (+ ``noise``).
+        list of dicts with ``image``, ``lang_tokens``, ``lang_mask``, ``proprio`` (+ ``noise``,
+        + ``actions``).
     """
     if isinstance(cache, LoadedPolicy):
         policy = cache
@@ -393,6 +398,9 @@ def calibration_batches(
         if config.uses_noise:
             noise = rng.standard_normal((len(chunk), config.chunk_size, config.action_dim)).astype(np.float32)
             batch["noise"] = torch.from_numpy(noise)
+        if with_actions:
+            chunks = np.stack([chunk_targets(ep.action, config.chunk_size)[0][t] for ep, t in chunk])
+            batch["actions"] = torch.from_numpy(norm.normalize_actions(chunks))
         batches.append(batch)
     return batches
 

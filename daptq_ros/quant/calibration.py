@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from daptq_ros.quant.adapter import PolicyAdapter
+from daptq_ros.quant.forward_cache import cached_forward
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def run_batches(
     """Actions (B, H, A) of ``model`` for every batch (float32, detached)."""
     outs = []
     for b in tqdm(batches, desc=desc, file=sys.stderr, disable=desc is None, leave=False):
-        outs.append(adapter.run(model, b).detach().float())
+        out = cached_forward(model, lambda b=b: adapter.run(model, b), b)
+        outs.append(out.detach().float())
     return outs
 
 
@@ -100,7 +102,10 @@ def capture(
     """Run all batches; call ``on_input(name, module, x)`` (and ``on_output``) for each named layer.
 
     Layers called several times per forward (a flow head's Euler loop) report every call.
+    Module calls that cannot have changed since an earlier pass over the same batch objects are
+    skipped and the forward stops after the last call of the named layers (forward_cache.py).
     """
+    names = list(names)
     modules = dict(model.named_modules())
     handles = []
     for name in names:
@@ -114,7 +119,7 @@ def capture(
             handles.append(mod.register_forward_hook(lambda m, a, out, n=name: on_output(n, m, out.detach())))
     try:
         for b in tqdm(batches, desc=desc, file=sys.stderr, disable=desc is None, leave=False):
-            adapter.run(model, b)
+            cached_forward(model, lambda b=b: adapter.run(model, b), b, keep=names, stop_after=names)
     finally:
         for h in handles:
             h.remove()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,18 @@ logger = logging.getLogger(__name__)
 HELP = "quantize a policy (DA-PTQ and baselines) from a YAML recipe"
 DEFAULT_CONFIG = "config/quantize.yaml"
 CHECKPOINT_NAME = "quantized.safetensors"
+INSTRUCTIONS_FILE = "instructions.safetensors"
+# The shipped reference policy (its instruction cache lies next to it).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "reference_vla.safetensors"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="recipe YAML (default: %(default)s)")
-    parser.add_argument("--checkpoint", help="FP checkpoint (.safetensors) of the policy")
+    parser.add_argument(
+        "--checkpoint",
+        help="FP checkpoint (.safetensors) of the policy; its instructions.safetensors is read from the "
+        "same directory (default with --demos/--calib-bag: the shipped reference policy)",
+    )
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--demos", help="demo directory for calibration frames (DIR/<task>/*.npz)")
     src.add_argument("--calib-bag", help="rosbag2 recording for calibration frames")
@@ -64,14 +71,17 @@ def _load_provider(spec: str):
 
 def _reference_bundle(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
     """The reference VLA, its adapter and calibration batches (other sub-packages, lazily)."""
-    if not args.checkpoint:
-        raise ConfigError("--checkpoint is required (or use --policy MODULE:FUNCTION)")
     from daptq_ros.model.adapter import ReferenceVLAAdapter
+    from daptq_ros.model.io import CheckpointError as ModelCheckpointError
     from daptq_ros.model.io import load_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint)
-    params = inspect.signature(ReferenceVLAAdapter).parameters
-    adapter = ReferenceVLAAdapter(norm=loaded.norm) if "norm" in params else ReferenceVLAAdapter()
+    if not args.checkpoint:
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
+    try:
+        loaded = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ModelCheckpointError) as err:
+        raise ConfigError(f"--checkpoint: {err}") from err
+    adapter = ReferenceVLAAdapter()
     if args.calib_bag:
         try:
             from daptq_ros.drift.bag_calibration import calibration_batches
@@ -83,10 +93,24 @@ def _reference_bundle(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
     elif args.demos:
         from daptq_ros.model.data import calibration_batches
 
-        batches = calibration_batches(args.demos, loaded, frames=recipe.calib_frames, seed=recipe.seed)
+        try:
+            batches = calibration_batches(
+                args.demos, loaded, n_frames=recipe.calib_frames, seed=recipe.seed, with_actions=True
+            )
+        except FileNotFoundError as err:
+            raise ConfigError(f"--demos: {err}") from err
     else:
         raise ConfigError("calibration data needed: --demos DIR or --calib-bag BAG")
     return {"model": loaded.model, "adapter": adapter, "calib_batches": batches, "base": loaded.meta}
+
+
+def _copy_instructions(checkpoint: str | None, out: Path) -> None:
+    """Ship the instruction cache next to the quantized checkpoint (TorchPolicy/export read it there)."""
+    if not checkpoint:
+        return
+    src = Path(checkpoint).parent / INSTRUCTIONS_FILE
+    if src.is_file() and src.resolve() != (out / INSTRUCTIONS_FILE).resolve():
+        shutil.copyfile(src, out / INSTRUCTIONS_FILE)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             "git": _git_rev(),
         }
         ckpt = save_quantized(out / CHECKPOINT_NAME, model, result, bundle.get("base"), provenance)
+        _copy_instructions(args.checkpoint, out)
         paths = write_report(result, out, {"checkpoint": str(ckpt), "provenance": provenance})
     except (
         ConfigError,
