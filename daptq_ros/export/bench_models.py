@@ -6,9 +6,9 @@ random weights) is quantized by the real quantizer (:func:`daptq_ros.quant.api.q
 on seeded random contract-shaped calibration frames, saved as quantized checkpoints and exported
 like ``daptq export`` does::
 
-    python -m daptq_ros.export.bench_models --out /tmp/bench
+    python -m daptq_ros.export.bench_models --out /tmp/bench --trt --dq-baseline
     daptq bench --artifacts /tmp/bench/fp32 /tmp/bench/w8a8 /tmp/bench/w4a8 /tmp/bench/mixed \
-        --threads 1 --runs 400 --rounds 40
+        /tmp/bench/mixed_trt /tmp/bench/mixed_dq --threads 1 --runs 400 --rounds 40 --runtime-ops
 
 Artifacts: ``fp32``; ``w8a8`` (RTN int8 weights + static int8 activations), ``w4a8`` (RTN int4
 per-channel weights + int8 activations), ``mixed`` (the ``daptq`` method at the recipe budget,
@@ -21,6 +21,7 @@ task accuracy does (quantize with real calibration data, ``daptq quantize --demo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -120,11 +121,14 @@ def build(
     seed: int = 0,
     reuse: bool = False,
     checkpoint: Path | None = None,
+    dq_baseline: bool = False,
 ) -> dict[str, Path]:
     """Write the artifacts ``names`` (subset of fp32 + RECIPES) under ``out``; returns name -> dir.
 
     ``checkpoint``: FP checkpoint to quantize (its ``instructions.safetensors`` is shipped when it
-    sits beside it); None = a seeded random-weight default-config ReferenceVLA.
+    sits beside it); None = a seeded random-weight default-config ReferenceVLA. ``dq_baseline``
+    also writes ``*_dq``: the former CPU flavour (weight-only blocked/per-channel
+    ``DequantizeLinear`` before float MatMul/Gemm/Conv, activations float) for comparison.
     """
 
     from daptq_ros.export.cpu import CpuOptions
@@ -197,14 +201,19 @@ def build(
                 logger.info("%s: %s, %.3f avg bits", name, recipe.method, result.avg_bits)
             ckpt = read_quantized(q_path)
             flavours = ["cpu", "trt"] if trt else ["cpu"]
+            if dq_baseline:
+                flavours.append("dq")
             for flavour in flavours:
-                dest = out / (name if flavour == "cpu" else f"{name}_trt")
+                dest = out / (name if flavour == "cpu" else f"{name}_{flavour}")
+                plan = ckpt.plan
+                if flavour == "dq":  # the former CPU flavour: weight-only DequantizeLinear, float ops
+                    plan = [dataclasses.replace(lq, input_scale=None) for lq in ckpt.plan]
                 export_qdq(
                     fp_dir,
-                    ckpt.plan,
+                    plan,
                     dest,
-                    flavour=flavour,
-                    method=ckpt.method,
+                    flavour="trt" if flavour == "dq" else flavour,
+                    method=ckpt.method if flavour != "dq" else f"{ckpt.method}-weight-only-dq",
                     budget=ckpt.budget,
                     avg_bits=ckpt.avg_bits,
                     extra_config={"recipe": ckpt.meta.get("recipe", {})},
@@ -221,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=4.25, help="daptq (mixed) average-bit budget")
     parser.add_argument("--calib-frames", type=int, default=32)
     parser.add_argument("--trt", action="store_true", help="also write TensorRT-flavour twins (*_trt)")
+    parser.add_argument(
+        "--dq-baseline",
+        action="store_true",
+        help="also write *_dq: the former CPU flavour (weight-only DequantizeLinear + float ops)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--checkpoint",
@@ -248,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         reuse=args.reuse_checkpoints,
         checkpoint=checkpoint,
+        dq_baseline=args.dq_baseline,
     )
     for name, path in written.items():
         print(f"{name}: {path}")

@@ -5,34 +5,43 @@ constant weight is never constant-folded, so it runs at every inference; ORT fus
 integer kernel only for unshared single-consumer MatMuls (the flow head calls every head Linear
 once per Euler step, so the weight DQ has several consumers and stays a runtime DQ), and its
 ``MatMulAddFusion`` turns MatMul+Add into Gemm first, which the ``DQ -> MatMulNBits`` fusion skips.
-The result ran 2-3x slower than FP32. This module therefore emits the CPU kernels directly, per
-quantized Linear/Conv (each call of a shared layer gets its own kernel node over one shared
+The result ran 2.7-3.5x slower than FP32. This module therefore emits the CPU kernels directly,
+per quantized Linear/Conv (each call of a shared layer gets its own kernel node over one shared
 initializer):
 
-==========  ==============================================================================
-kernel      graph
-==========  ==============================================================================
-``int8``    ``QuantizeLinear(x, s_x, 128:uint8) -> com.microsoft.MatMulIntegerToFloat(xq, W:int8
-            [K, N], s_x, s_w[N], 128, zp_w, bias)``: static per-tensor int8 activations with the
-            quantizer's own scale (uint8 + 128 is the same grid as int8 zp 0) x per-channel int8
-            weights (U8S8, VNNI where the CPU has it). Per-channel layers with ``input_scale``.
-``dynamic`` ``com.microsoft.DynamicQuantizeMatMul(x, W:int8, s_w, zp_w, bias)``: activations
-            quantized per tensor at run time. Per-channel weight-only layers (default).
-``nbits``   ``com.microsoft.MatMulNBits`` (bits 4 or 8, power-of-two ``block_size`` dividing the
-            quantizer's group; scales repeated per block, so the math is unchanged) with
-            ``accuracy_level`` (4 = int8 compute with per-block dynamic activations, 0 = float).
-            Grouped layers.
-``float``   ``W = Cast(q) * s`` (constant-folded by ORT at load) feeding the original op: exact
-            weight-only math at FP32 speed. Per-channel weight-only layers on request; convs.
-``conv_int``  ``QuantizeLinear -> ConvInteger(uint8 x, uint8 w) -> Cast -> Mul(s_x s_w) -> Add(b)``:
-            quantized-input convs (static scale from the quantizer).
-``dq``      blocked ``DequantizeLinear -> MatMul`` (fallback for groups without a power-of-two
-            block, e.g. 24); slow on ORT-CPU, logged as a warning.
-==========  ==============================================================================
+=============== ==========================================================================
+kernel          graph
+=============== ==========================================================================
+``int8``        ``QuantizeLinear(x, s_x, 128:uint8) -> com.microsoft.MatMulIntegerToFloat(xq,
+                W:int8 [K, N], s_x, s_w[N], 128, zp_w, bias)``: static per-tensor int8
+                activations with the quantizer's own scale (uint8 + 128 is the same grid as int8
+                zp 0) x per-channel int8 weights (U8S8, VNNI where the CPU has it). Per-channel
+                layers with ``input_scale``.
+``conv_im2col`` convs with ``input_scale`` and >= 16 input channels: ``QuantizeLinear ->
+                Transpose(NHWC) -> Pad(zero point) -> Gather`` of the kh*kw pixel rows of every
+                output pixel (indices built by constant ops, folded at load) ``->
+                MatMulIntegerToFloat(W[(i, j, c), o]) -> Transpose(NCHW)``; ORT cancels the
+                transposes between stacked convs.
+``conv_int``    other convs with ``input_scale``: ``QuantizeLinear -> ConvInteger(uint8 x,
+                uint8 w) -> Cast -> Mul(s_x s_w) -> Add(b)``.
+``dynamic``     ``com.microsoft.DynamicQuantizeMatMul(x, W:int8, s_w, zp_w, bias)``: activations
+                quantized per tensor at run time. Per-channel weight-only layers (default).
+``nbits``       ``com.microsoft.MatMulNBits`` (bits 2, 4 or 8, power-of-two ``block_size``
+                dividing the quantizer's group; scales repeated per block, so the math is
+                unchanged) with ``accuracy_level`` (4 = int8 compute with per-block dynamic
+                activations, 0 = float). Grouped layers.
+``float``       ``W = (Cast(q) - zp) * s`` (constant-folded by ORT at load) feeding the original
+                op: exact weight-only math at FP32 speed. Weight-only layers on request; convs
+                with ``conv="float"``.
+``dq``          blocked ``DequantizeLinear -> MatMul`` (fallback for groups without a
+                power-of-two block that do not tile K, e.g. 24); slow on ORT-CPU, logged.
+=============== ==========================================================================
 
-2..4-bit integers are stored as INT4/UINT4 initializers and widened to 8 bits by a ``Cast`` that
-ORT constant-folds at load, so the file keeps ~4 bits per weight while the kernel runs int8.
-Biases of ``MatMul -> Add(bias)`` and ``Gemm`` are folded into the kernel's bias input.
+Storage keeps the quantizer's bit-width: 8-bit as INT8, 4-bit as INT4 + ``Cast``, 2/3-bit as
+packed bit planes unpacked by ``BitShift``/``BitwiseAnd``/``BitwiseOr`` -- all constant, so ORT
+folds them into one int8 initializer at load and the kernels see int8. Biases of
+``MatMul -> Add(bias)`` and ``Gemm`` are folded into the kernel's bias input. Tensor names use a
+short per-layer prefix (``q7``; the manifest's ``config.cpu_tensor_prefixes`` maps them back).
 """
 
 from __future__ import annotations

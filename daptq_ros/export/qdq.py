@@ -1,18 +1,25 @@
-"""Rewrite an FP32 policy graph into a QDQ graph carrying the quantizer's own integers and scales.
+"""Rewrite an FP32 policy graph into a quantized graph carrying the quantizer's own integers and scales.
 
-Per quantized layer (a :class:`LayerQuant`, matched to a MatMul/Gemm/Conv node by module name):
+Two flavours from the same plan (:class:`LayerQuant` per layer, matched to MatMul/Gemm/Conv nodes
+by module name):
+
+``trt`` -- standard QDQ following TensorRT's explicit-quantization rules (for Jetson/TensorRT):
 
 - int8 weights: INT8 initializer -> ``DequantizeLinear`` per output channel (symmetric, zp 0);
 - 2..4-bit weights (stored in INT4): INT4 initializer -> blocked ``DequantizeLinear`` (axis 0,
-  ``block_size`` = group size, blocks along K of MatMul ``B[K, N]``) — the TensorRT INT4
-  weight-only layout, which ORT-CPU fuses into ``MatMulNBits``;
-- int8 activations: ``QuantizeLinear -> DequantizeLinear`` with the quantizer's scalar scale
-  (zp 0) on the node's data input (flavour ``trt`` only; the ``cpu`` flavour keeps activations
-  float because S8S8 QDQ runs 2.5-4x slower than fp32 on ORT-CPU without VNNI, deploy notes A);
+  ``block_size`` = group size, blocks along K of MatMul ``B[K, N]``) -- TensorRT's INT4
+  weight-only layout;
+- int8 activations: ``QuantizeLinear -> DequantizeLinear`` with the quantizer's scalar scale (zp 0)
+  on the node's data input;
 - float layers untouched; 0-bit channels are zero integers (bias kept).
+  Quantized ``Gemm(transB=1)`` nodes become ``MatMul(x, DQ(W^T)) + Add(bias)``.
 
-Quantized ``Gemm(transB=1)`` nodes become ``MatMul(x, DQ(W^T)) + Add(bias)`` so every quantized
-linear uses the ``B[K, N]`` layout (ORT fuses only MatMul with a DQ'd constant B).
+  On ORT-CPU this graph runs every DequantizeLinear at every inference and then the float op
+  (S8 activations are not fused on x86, shared flow-head weights never are): 3.5x *slower* than
+  FP32 (docs/cpu_latency.md). Use it for TensorRT only.
+
+``cpu`` -- ORT-CPU integer kernels (MatMulIntegerToFloat, ConvInteger/im2col, MatMulNBits, ...)
+with the same integers and scales: :mod:`daptq_ros.export.cpu`.
 """
 
 from __future__ import annotations
@@ -547,7 +554,7 @@ def export_qdq(
             float model or from a float twin with the dequantized weights).
         plan: quantized layers; every other layer stays float.
         out_dir: new artifact directory.
-        flavour: ``trt`` (S8S8 QDQ, TensorRT rules) or ``cpu`` (weight-only DQ, ORT-CPU friendly).
+        flavour: ``trt`` (S8S8 QDQ, TensorRT rules) or ``cpu`` (ORT-CPU integer kernels).
         method: quantization method name for the manifest.
         budget: average-bit budget given to the quantizer.
         avg_bits: the quantizer's reported average bits (default: computed over graph weights).
