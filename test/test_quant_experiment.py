@@ -273,7 +273,6 @@ def test_resolve_recipe_budget_semantics(tiny_vla):
     assert o.method_options["daptq"]["csrc"] is False and o.method_options["daptq"]["csrc_rank"] == 4
 
 
-@pytest.mark.slow
 def test_experiment_end_to_end_and_resume(tmp_path, tiny_vla):
     from daptq_ros.cli import main
 

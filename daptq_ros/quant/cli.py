@@ -29,6 +29,18 @@ INSTRUCTIONS_FILE = "instructions.safetensors"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "reference_vla.safetensors"
 
 
+NO_BUDGET = "none"
+
+
+def _budget(text: str) -> float | str:
+    if text.lower() in ("none", "null"):
+        return NO_BUDGET
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--budget must be a number or 'none', got {text!r}") from err
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="recipe YAML (default: %(default)s)")
     parser.add_argument(
@@ -44,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="quantized", help="output directory (default: %(default)s)")
     parser.add_argument("--method", help="override recipe.method")
-    parser.add_argument("--budget", type=float, help="override recipe.budget (average bits per weight)")
+    parser.add_argument(
+        "--budget",
+        type=_budget,
+        help="override recipe.budget (average bits per weight; 'none' = no budget, uniform --w-bits)",
+    )
     parser.add_argument("--w-bits", type=int, help="override recipe.w_bits")
     parser.add_argument("--calib-frames", type=int, help="override recipe.calib_frames")
     parser.add_argument("--json", help="also write the result summary JSON here")
@@ -126,8 +142,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = args.config if Path(args.config).is_file() or args.config != DEFAULT_CONFIG else None
         recipe = load_recipe(
-            config, method=args.method, budget=args.budget, w_bits=args.w_bits, calib_frames=args.calib_frames
+            config,
+            method=args.method,
+            budget=None if args.budget == NO_BUDGET else args.budget,
+            w_bits=args.w_bits,
+            calib_frames=args.calib_frames,
         )
+        if args.budget == NO_BUDGET:
+            recipe.budget = None
         bundle = _load_provider(args.policy)(args) if args.policy else _reference_bundle(args, recipe)
         model = bundle["model"]
         result = quantize_policy(model, bundle["adapter"], bundle["calib_batches"], recipe)

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from daptq_ros.quant.api import QuantContext
@@ -43,15 +42,10 @@ from daptq_ros.quant.calibration import HessianCollector, capture
 from daptq_ros.quant.csrc import CSRCOptions, compensate_layer
 from daptq_ros.quant.engine import get_module, quantize_layers, quantize_weight, set_module
 from daptq_ros.quant.fakequant import FLOAT_BITS, LayerSpec, flat_weight, make_quant_module
+from daptq_ros.quant.gptq import layer_output_error
 from daptq_ros.quant.registry import register_method
 
 logger = logging.getLogger(__name__)
-
-
-def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
-    """Hessian-weighted layer-output error ``tr(δW H δWᵀ)`` of a quantized weight (out, in_flat)."""
-    d = (wq - w).double()
-    return float(torch.einsum("oi,ij,oj->", d, H.double(), d))
 
 
 def measure_sensitivity(
@@ -62,7 +56,7 @@ def measure_sensitivity(
     Bit-widths in ``measured`` (default: all) are measured with a forward pass each. The others
     (in practice 8) are extrapolated from the measured bit-width ``b0`` closest below them:
     ``ΔL(b) = ΔL(b0) · e(b) / e(b0)`` with ``e`` the Hessian-weighted layer-output error
-    (:func:`output_error`). Near the FP model the drift loss is quadratic in the layer's output
+    (``gptq.layer_output_error``). Near the FP model the drift loss is quadratic in the layer's output
     perturbation (FP is its minimum), so ΔL scales with the perturbation energy; this holds best for
     the smallest perturbations, which is why only the high bit-widths are extrapolated.
     """
@@ -85,7 +79,7 @@ def measure_sensitivity(
             spec = ctx.layer_spec(n, b)
             spec.a_bits = 16
             qw = quantize_weight(orig, spec, engine, H)
-            energy[b] = output_error(w, qw.dequantize(), H)
+            energy[b] = layer_output_error(w, qw.dequantize(), H)
             if b in measured:
                 set_module(work, n, make_quant_module(orig, spec, qw))
                 table[n][b] = ctx.drift_of(work)
@@ -187,7 +181,7 @@ class DAPTQ:
     def apply(self, ctx: QuantContext) -> dict[str, LayerSpec]:
         o = ctx.options
         timing: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if o.allocation == "uniform" or ctx.recipe.budget is None:
             plan = ctx.uniform_plan(ctx.uniform_bits())
         elif o.allocation == "random":
@@ -195,13 +189,15 @@ class DAPTQ:
         else:
             plan = self._knapsack_plan(ctx)
         timing["allocation_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        timing["allocation_cpu_s"] = time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         candidate = copy.deepcopy(ctx.fp_model)
         quantize_layers(candidate, ctx.adapter, ctx.batches, plan, ctx.engine, desc="daptq")
         timing["quantize_s"] = time.perf_counter() - t0
+        timing["quantize_cpu_s"] = time.process_time() - c0
         chosen = "allocated"
         if o.guard_uniform and o.allocation == "knapsack" and ctx.recipe.budget is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             uplan = ctx.uniform_plan(ctx.uniform_bits())
             uniform = copy.deepcopy(ctx.fp_model)
             quantize_layers(uniform, ctx.adapter, ctx.batches, uplan, ctx.engine, desc="daptq guard")
@@ -210,13 +206,15 @@ class DAPTQ:
             if l_uni < l_alloc:
                 candidate, plan, chosen = uniform, uplan, "uniform"
             timing["guard_s"] = time.perf_counter() - t0
+            timing["guard_cpu_s"] = time.process_time() - c0
         ctx.extras["map"] = chosen
         for n in ctx.targets:
             set_module(ctx.model, n, get_module(candidate, n))
         if o.csrc:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self._compensate(ctx)
             timing["csrc_s"] = time.perf_counter() - t0
+            timing["csrc_cpu_s"] = time.process_time() - c0
         ctx.extras["timing"] = timing
         logger.info("daptq timing: %s", ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))
         return plan
