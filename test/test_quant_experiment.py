@@ -307,6 +307,9 @@ def test_experiment_end_to_end_and_resume(tmp_path, tiny_vla):
     # resume: nothing is recomputed
     assert main(["experiment", "--config", str(cfg), "--only", "rtn@W4A8"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == stamps
+    again = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in again["rows"]] == ["done"] * 4  # cached rows are still shown
+    assert again["rows"][1]["eval"] == rows["rtn@W4A8"]["eval"]
 
 
 def test_experiment_config_errors(tmp_path, tiny_vla):

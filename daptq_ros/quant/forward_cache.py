@@ -257,13 +257,17 @@ def cached_forward(
         mod = modules.get(name)
         if mod is None:
             continue
+        own = mod.__dict__.get("forward")  # an instance-level forward someone else installed
         mod.forward = make_wrapper(name, mod)
-        installed.append(mod)
+        installed.append((mod, own))
     try:
         return _run_stoppable(model, run, stop_after, tl)
     finally:
-        for mod in installed:
-            del mod.forward
+        for mod, own in installed:
+            if own is None:
+                del mod.forward
+            else:
+                mod.forward = own
 
 
 def _run_stoppable(

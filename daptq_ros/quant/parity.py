@@ -23,8 +23,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def parity(quantized: str | Path, artifact: str | Path, demos: str | Path, frames: int = 64) -> dict:
     """Relative errors (ORT vs torch fake-quant, torch fake-quant vs FP) on ``frames`` demo frames."""
-    import onnxruntime as ort
     import torch
+
+    from daptq_ros.runtime.session import PolicySession
 
     from daptq_ros.model.data import calibration_batches
     from daptq_ros.model.io import LoadedPolicy, parse_checkpoint_meta
@@ -36,10 +37,9 @@ def parity(quantized: str | Path, artifact: str | Path, demos: str | Path, frame
     fp_path = Path(info.meta.get("provenance", {}).get("checkpoint") or "")
     loaded = LoadedPolicy(model=model, config=config, norm=norm, meta=base, path=Path(quantized))
     batches = calibration_batches(demos, loaded, n_frames=frames, batch_size=16, seed=123)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(Path(artifact) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
+    sess = PolicySession(artifact, providers=["CPUExecutionProvider"], threads=1)
+    names = sess.input_names
+    batch = next((s.shape[0] for s in sess.manifest.inputs if isinstance(s.shape[0], int)), None)
     fp_model = None
     if fp_path.is_file():
         from daptq_ros.model.io import load_checkpoint
@@ -50,7 +50,14 @@ def parity(quantized: str | Path, artifact: str | Path, demos: str | Path, frame
         for b in batches:
             feeds = {k: b[k] for k in names}
             tq.append(model(**feeds).numpy())
-            oq.append(sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            n = len(np_feeds[names[0]])
+            step = batch or n  # artifacts exported with a fixed batch of 1 run frame by frame
+            outs = [
+                sess.run({k: v[i : i + step] for k, v in np_feeds.items()})[sess.output_names[0]]
+                for i in range(0, n, step)
+            ]
+            oq.append(np.concatenate(outs))
             if fp_model is not None:
                 fq.append(fp_model(**feeds).numpy())
     t, o = np.concatenate(tq), np.concatenate(oq)
@@ -58,7 +65,8 @@ def parity(quantized: str | Path, artifact: str | Path, demos: str | Path, frame
         "frames": int(t.shape[0]),
         "ort_vs_torch_rel_err": rel_err(o, t),
         "ort_vs_torch_max_abs": float(np.abs(o - t).max()),
-        "providers": sess.get_providers(),
+        "provider": sess.provider,
+        "flavour": sess.manifest.flavour,
     }
     if fq:
         out["torch_quant_vs_fp_rel_err"] = rel_err(t, np.concatenate(fq))
