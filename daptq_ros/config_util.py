@@ -98,6 +98,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
 
 
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a file; a missing file or invalid YAML raises ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+
+
 def load_config(cls: type[T], source: str | Path | dict[str, Any] | None, section: str | None = None) -> T:
     """Load ``cls`` from a YAML file path, a dict, or None (defaults).
 
@@ -108,16 +119,7 @@ def load_config(cls: type[T], source: str | Path | dict[str, Any] | None, sectio
     """
     if source is None:
         return cls()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    else:
-        data = source
+    data = read_yaml(source) if isinstance(source, (str, Path)) else source
     if section is not None:
         if not isinstance(data, dict) or section not in data:
             raise ConfigError(f"missing top-level key {section!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daptq_ros.config_util import ConfigError, load_config
+from daptq_ros.config_util import ConfigError, load_config, read_yaml
 from daptq_ros.quant.calibration import DEFAULT_CALIB_FRAMES, DEFAULT_SWEEP_FRAMES
 from daptq_ros.quant.drift_loss import DriftOptions
 from daptq_ros.quant.fakequant import ACT_GRANULARITIES, FLOAT_BITS, INT_WEIGHT_BITS
@@ -122,18 +122,7 @@ class QuantRecipe:
 
 def load_recipe(source: str | Path | dict[str, Any] | None, **overrides: Any) -> QuantRecipe:
     """Load a recipe from YAML/dict and apply non-None ``overrides`` (CLI flags); validates all keys."""
-    if isinstance(source, (str, Path)):
-        import yaml
-
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    else:
-        data = dict(source or {})
+    data = read_yaml(source) if isinstance(source, (str, Path)) else dict(source or {})
     if not isinstance(data, dict):
         raise ConfigError("recipe: expected a mapping at the top level")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
