@@ -23,7 +23,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
+    """A tiny exported model, or DAPTQ_STRESS_ARTIFACT (e.g. the demo's quantized reference
+    artifact, with DAPTQ_STRESS_INSTRUCTION one of its instructions) to measure a real policy."""
+    if os.environ.get("DAPTQ_STRESS_ARTIFACT"):
+        return os.environ["DAPTQ_STRESS_ARTIFACT"]
     return build_artifact(tmp_path_factory.mktemp("stress") / "art")
+
+
+LOAD_INSTRUCTION = os.environ.get("DAPTQ_STRESS_INSTRUCTION", INSTRUCTION)
 
 
 def _latest(probe):
@@ -152,7 +159,7 @@ def test_load_30hz_60s(artifact, tmp_path, trigger):
 
     probe.node.create_subscription(JointState, "/policy_node/joint_command", on_cmd, 100)
     try:
-        pubs["instruction"].publish(String(data=INSTRUCTION))
+        pubs["instruction"].publish(String(data=LOAD_INSTRUCTION))
         timer = probe.node.create_timer(1 / 30, publish)
         assert probe.wait_for(lambda: len(recv) > 0, 30)
         n0, t0 = len(recv), time.monotonic()
