@@ -189,3 +189,75 @@ def test_config_errors_keep_node_up_and_report(artifact, domain, tmp_path, case)
     finally:
         probe.close()
         assert stop(node) == 0
+
+
+@pytest.mark.parametrize("case", ["corrupt_onnx", "manifest_mismatch"])
+def test_bad_artifact_keeps_node_up_and_reports(artifact, domain, tmp_path, case):
+    """A corrupt model file or a manifest that does not match the graph: ERROR on /diagnostics,
+    node alive, no command publisher."""
+    import shutil
+
+    domain_id, env = domain
+    bad = shutil.copytree(artifact, tmp_path / "bad_artifact")
+    if case == "corrupt_onnx":
+        data = bytearray((bad / "model.onnx").read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+        (bad / "model.onnx").write_bytes(bytes(data))
+    else:
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["inputs"][0]["name"] = "renamed_input"
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    node = start_node(POLICY, ["-p", f"artifact_dir:={bad}", "-p", "diagnostics_period_s:=0.2"], env,
+                      tmp_path / "policy.log")
+    probe = Probe(domain_id)
+    try:
+        probe.subscribe("/diagnostics", DiagnosticArray)
+        ok = probe.wait_for(_diag(probe, lambda v, s: s.level == DiagnosticStatus.ERROR), 60)
+        assert ok, (tmp_path / "policy.log").read_text()[-2000:]
+        errors = [m.status[0] for m in _policy_diags(probe) if m.status[0].level == DiagnosticStatus.ERROR]
+        status = errors[-1]
+        assert ("checksum" in status.message or "sha256" in status.message) if case == "corrupt_onnx" \
+            else "renamed_input" in status.message, status.message
+        n = len(probe.msgs["/diagnostics"])
+        assert probe.wait_for(lambda: len(probe.msgs["/diagnostics"]) >= n + 2, 10)
+        assert node.poll() is None
+        assert probe.node.count_publishers("/policy_node/joint_command") == 0
+    finally:
+        probe.close()
+        assert stop(node) == 0
+
+
+def test_nan_model_never_commands(domain, tmp_path):
+    """A model that outputs NaN: every step is counted as non-finite, nothing is published."""
+    from test_ros_support import build_nan_artifact
+
+    domain_id, env = domain
+    nan_artifact = build_nan_artifact(tmp_path / "nan")
+    args = ["-p", f"artifact_dir:={nan_artifact}", "-p", "diagnostics_period_s:=0.2",
+            "-p", "image_width:=128", "-p", "image_height:=128"]
+    node = start_node(POLICY, args, env, tmp_path / "policy.log")
+    probe = Probe(domain_id)
+    try:
+        probe.subscribe("/policy_node/joint_command", JointState)
+        probe.subscribe("/diagnostics", DiagnosticArray)
+        img_pub = probe.publisher("/policy_node/image", Image)
+        ins_pub = probe.publisher("/policy_node/instruction", String)
+        st_pub = probe.publisher("/policy_node/joint_states", JointState)
+        assert probe.wait_for(lambda: img_pub.get_subscription_count()
+                              and ins_pub.get_subscription_count(), 60)
+        ins_pub.publish(String(data=INSTRUCTION))
+        deadline = time.monotonic() + 30
+        left = JointState(name=["hand_x", "hand_y", "hand_z", "gripper_opening"],
+                          position=[-0.2, 0.6, 0.2, 1.0])  # hand_x < 0: this model returns NaN
+        nonfinite = _diag(probe, lambda v, s: int(v["nonfinite_events"]) >= 3)
+        while not nonfinite() and time.monotonic() < deadline:
+            st_pub.publish(left)
+            img_pub.publish(_image(probe.node.get_clock().now().to_msg()))
+            probe.wait_for(lambda: False, 0.1)
+        assert nonfinite(), \
+            (tmp_path / "policy.log").read_text()[-2000:]
+        assert not probe.msgs["/policy_node/joint_command"], "a command was published from a NaN model"
+        assert node.poll() is None
+    finally:
+        probe.close()
+        assert stop(node) == 0
