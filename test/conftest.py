@@ -6,10 +6,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 try:
-    import torch  # noqa: E402
+    import torch
 
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover - torch is a core dependency

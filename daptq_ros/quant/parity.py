@@ -25,11 +25,10 @@ def parity(quantized: str | Path, artifact: str | Path, demos: str | Path, frame
     """Relative errors (ORT vs torch fake-quant, torch fake-quant vs FP) on ``frames`` demo frames."""
     import torch
 
-    from daptq_ros.runtime.session import PolicySession
-
     from daptq_ros.model.data import calibration_batches
     from daptq_ros.model.io import LoadedPolicy, parse_checkpoint_meta
     from daptq_ros.quant.checkpoint import load_quantized, read_quant_meta
+    from daptq_ros.runtime.session import PolicySession
 
     model, info = load_quantized(quantized)
     base = read_quant_meta(quantized)["base"]
