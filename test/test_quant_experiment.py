@@ -319,3 +319,22 @@ def test_experiment_config_errors(tmp_path, tiny_vla):
     cfg = _write_configs(tmp_path, ckpt, demos, [{"method": "rtn", "budget": "nope"}])
     assert main(["experiment", "--config", str(cfg)]) == 2
     assert main(["experiment", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_quantvla_on_flow_head_with_prefix_kv(tiny_vla):
+    """The flow head's attention computes prefix keys once, then one q/k call per flow step."""
+    from daptq_ros.quant import load_recipe, quantize_policy
+    from daptq_ros.quant.methods.quantvla import pair_keys
+
+    q = [torch.zeros(2, 3, 4)] * 2
+    k = [torch.ones(2, 5, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    assert [t.shape[1] for t in pair_keys(q, k)] == [8, 8]
+    with pytest.raises(ValueError):
+        pair_keys(q * 2, k)
+    loaded, adapter, batches, _, _ = tiny_vla
+    model = copy.deepcopy(loaded.model)
+    recipe = load_recipe(
+        {"method": "quantvla", "w_bits": 4, "calib_frames": 24, "min_calib_frames": 8, "sweep_frames": 8}
+    )
+    result = quantize_policy(model, adapter, batches, recipe)
+    assert result.extras["atm_alpha"] and all(len(a) == 2 for a in result.extras["atm_alpha"].values())

@@ -7,7 +7,8 @@ the final action layer (the last layer executed), as in the paper.
 
 ATM, one scalar per head of every action-head attention module:
 ``α_h = Std(L_T) / (Std(L_Q) + 1e-6)`` with ``L = q kᵀ / sqrt(d_h)`` over all query/key pairs
-(the heads here attend without masks), teacher = FP model on the same inputs and noise;
+(the heads here attend without masks; keys = [prefix keys; step keys], see :func:`pair_keys`),
+teacher = FP model on the same inputs and noise;
 ``α = clip(α, α_min, α_max)`` and ``α = 1`` when ``|log α| < 0.03``. Multiplying the logits by α
 is folded into head h's rows of q_proj (weight and bias, or its weight_scale if quantized);
 exact because no norm follows q. OHB, one scalar per attention module:
@@ -52,17 +53,33 @@ def scale_rows(module: nn.Module, factors: torch.Tensor) -> None:
             module.bias.mul_(f)
 
 
-def _collect(model: nn.Module, ctx: QuantContext, names: list[str]) -> dict[str, list[torch.Tensor]]:
+def _collect(
+    model: nn.Module, ctx: QuantContext, names: list[str], batches: list | None = None
+) -> dict[str, list[torch.Tensor]]:
     outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     capture(
         model,
         ctx.adapter,
-        ctx.sweep_batches,
+        ctx.sweep_batches if batches is None else batches,
         names,
         lambda *a: None,
         on_output=lambda n, m, y: outs[n].append(y),
     )
     return outs
+
+
+def pair_keys(q: list[torch.Tensor], k: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keys each query call attends to, from one forward's q_proj and k_proj outputs.
+
+    A k_proj called more often than q_proj computed prefix keys first (the flow head's cached
+    conditioning KV, computed once per forward, then one k/q call per flow step): each query call
+    attends to [prefix keys; its own step's keys].
+    """
+    extra = len(k) - len(q)
+    if extra < 0:
+        raise ValueError(f"attention has {len(q)} query calls but only {len(k)} key calls")
+    prefix = k[:extra]
+    return [torch.cat([*prefix, ki], dim=1) for ki in k[extra:]]
 
 
 def logit_std(q: list[torch.Tensor], k: list[torch.Tensor], heads: int) -> torch.Tensor:
@@ -140,8 +157,15 @@ class QuantVLA:
 
     def _atm(self, ctx: QuantContext, name: str, heads: int) -> torch.Tensor:
         q, k = f"{name}.q_proj", f"{name}.k_proj"
-        t, s = _collect(ctx.fp_model, ctx, [q, k]), _collect(ctx.model, ctx, [q, k])
-        std_t, std_q = logit_std(t[q], t[k], heads), logit_std(s[q], s[k], heads)
+        stds = []
+        for model in (ctx.fp_model, ctx.model):
+            qs, ks = [], []
+            for b in ctx.sweep_batches:  # per forward, so prefix keys pair with their own steps
+                out = _collect(model, ctx, [q, k], [b])
+                qs += out[q]
+                ks += pair_keys(out[q], out[k])
+            stds.append(logit_std(qs, ks, heads))
+        std_t, std_q = stds
         o = ctx.options
         alpha = clip_scalar(std_t / (std_q + 1e-6), o.alpha_min, o.alpha_max, o.neutral_band)
         qmod = get_module(ctx.model, q)
