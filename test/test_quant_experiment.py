@@ -151,6 +151,9 @@ def test_targets_and_correlations():
     assert checks[3]["met"] is True  # only m4.25 has both daptq and gptq rows
     corr = correlations(rows)
     assert corr["n"] == 4
+    dup = [*rows, {**rows[1], "name": "rtn@m4.25"}]  # same run under another name counts once
+    rows[1]["run"] = dup[-1]["run"] = "abc"
+    assert correlations(dup)["n"] == 4
     # drift loss [0.02, 0.004, 0.01, 0.05] vs success [0.8, 0.9, 0.9, 0.7]
     assert corr["drift_loss_vs_success"] == pytest.approx(
         spearman([0.02, 0.004, 0.01, 0.05], [0.8, 0.9, 0.9, 0.7])

@@ -558,13 +558,14 @@ def run_experiment(
                 row["status"] = f"failed: {err}"
                 write()
             continue
+        first = next((r for r in rows[:-1] if r.get("run") == run_dir.name), None)
         row.update(
             avg_bits=q["avg_bits"],
             drift_loss=q["drift_loss"],
             size_ratio_fp16=q["size"]["quant_bytes"] / q["size"]["fp16_bytes"],
             quant_wall_s=q["wall_s"],
             quant_cpu_s=q["cpu_s"],
-            notes=_notes(v, q),
+            notes=_notes(v, q) + (f"; same recipe as {first['name']}" if first else ""),
             details=q["details"],
             status="quantized",
         )

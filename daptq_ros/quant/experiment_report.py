@@ -146,8 +146,16 @@ def format_task_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Spearman ρ of calibration drift loss vs success, EE drift and open-loop error (quantized rows)."""
-    q = [r for r in rows if r.get("method") != "fp" and r.get("eval") and r.get("drift_loss") is not None]
+    """Spearman ρ of calibration drift loss vs success, EE drift and open-loop error over the
+    quantized rows, one per distinct run (rtn@W4A8 and rtn@≤4.25 are the same recipe)."""
+    q, seen = [], set()
+    for r in rows:
+        if r.get("method") == "fp" or not r.get("eval") or r.get("drift_loss") is None:
+            continue
+        if r.get("run") is not None and r["run"] in seen:
+            continue
+        seen.add(r.get("run"))
+        q.append(r)
     loss = [float(r["drift_loss"]) for r in q]
     out: dict[str, Any] = {"n": len(q)}
     out["drift_loss_vs_success"] = spearman(loss, [r["eval"]["success_rate"] for r in q])
