@@ -341,3 +341,23 @@ def test_quantvla_on_flow_head_with_prefix_kv(tiny_vla):
     )
     result = quantize_policy(model, adapter, batches, recipe)
     assert result.extras["atm_alpha"] and all(len(a) == 2 for a in result.extras["atm_alpha"].values())
+
+
+def test_smoothquant_skips_layernorm_with_a_hidden_consumer(tiny_vla):
+    """The trunk's last block reads a slice of norm1's output for its queries: smoothing norm1 into
+    k/v only would change the float model, so that fold is undone."""
+    from daptq_ros.quant import load_recipe, quantize_policy
+
+    loaded, adapter, batches, _, _ = tiny_vla
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():  # sharpen the (random, near-uniform) attention so queries matter
+        for name in ("q_proj", "k_proj"):
+            getattr(model.trunk.blocks[0].attn, name).weight.mul_(40.0)
+    base = {"w_bits": 8, "a_bits": 16, "calib_frames": 24, "min_calib_frames": 8}
+    smooth = quantize_policy(
+        copy.deepcopy(model), adapter, batches, load_recipe({**base, "method": "smoothquant"})
+    )
+    assert smooth.extras["not_foldable"] == ["trunk.blocks.0.norm1"]
+    assert "trunk.blocks.0.norm2" in smooth.extras["smoothed"]
+    rtn = quantize_policy(copy.deepcopy(model), adapter, batches, load_recipe({**base, "method": "rtn"}))
+    assert smooth.drift_loss < 10 * rtn.drift_loss + 1e-9
