@@ -143,6 +143,27 @@ def test_masked_chunk_steps_do_not_affect_the_loss():
         assert torch.equal(m.loss(batch)["loss"], m.loss({**batch, "actions": changed})["loss"])
 
 
+def test_flow_samples_repeat_the_condition_for_the_head_only():
+    torch.manual_seed(0)
+    head = FlowHead(tiny_config()).eval()
+    cfg = tiny_config()
+    z = torch.randn(3, cfg.readout_tokens, cfg.head_dim)
+    actions = torch.randn(3, cfg.chunk_size, cfg.action_dim)
+    valid = torch.ones(3, cfg.chunk_size)
+    valid[1, 5:] = 0
+    with torch.no_grad():
+        torch.manual_seed(1)
+        repeated = head.loss(z, actions, valid, samples=4)["loss"]
+        torch.manual_seed(1)
+        expanded = head.loss(
+            *(x.repeat_interleave(4, dim=0) for x in (z, actions, valid)), samples=1
+        )["loss"]
+        torch.manual_seed(1)
+        single = head.loss(z, actions, valid, samples=1)["loss"]
+    assert torch.equal(repeated, expanded)
+    assert not torch.equal(repeated, single)
+
+
 def test_bad_input_shapes_name_the_input(model):
     x = model.example_inputs(1)
     with pytest.raises(ValueError, match="proprio"):
@@ -178,7 +199,12 @@ def test_config_validation_names_the_field(kwargs, field):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"lr": 0.0}, "lr"), ({"ema_decay": 1.0}, "ema_decay"), ({"val_fraction": 1.0}, "val_fraction")],
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"flow_samples": 0}, "flow_samples"),
+    ],
 )
 def test_train_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -135,6 +135,9 @@ class TrainConfig:
         val_batches: validation batches per evaluation.
         log_every: steps between training-loss log lines.
         paraphrase_prob: probability of training on a paraphrase instead of the episode's own one.
+        flow_samples: (noise, time) draws per frame in the flow-matching loss; the trunk runs once
+            per frame and only the small head sees the repeats (lower-variance trunk gradients).
+            Ignored by the regression head.
     """
 
     steps: int = 20000
@@ -151,9 +154,10 @@ class TrainConfig:
     val_batches: int = 8
     log_every: int = 100
     paraphrase_prob: float = 0.5
+    flow_samples: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "val_batches", "log_every"):
+        for name in ("steps", "batch_size", "val_every", "val_batches", "log_every", "flow_samples"):
             _positive(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")

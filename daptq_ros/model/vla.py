@@ -326,8 +326,15 @@ class FlowHead(nn.Module):
             x = x + dt * self._velocity(x, prefix, mods, final_mod, i)
         return x
 
-    def loss(self, z: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Flow-matching velocity MSE over valid chunk steps, at random times t (one per sample)."""
+    def loss(
+        self, z: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor, samples: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """Flow-matching velocity MSE over valid chunk steps, at random times t.
+
+        ``samples`` (noise, t) draws are taken per frame: ``z`` is repeated for the head only.
+        """
+        if samples > 1:
+            z, actions, valid = (x.repeat_interleave(samples, dim=0) for x in (z, actions, valid))
         b = actions.shape[0]
         # π0's time sampling: emphasize noisier times (t near 0): t = 0.999·(1 - u), u ~ Beta(1.5, 1).
         u = torch.rand(b, device=actions.device).pow(1.0 / 1.5)
@@ -363,8 +370,10 @@ class RegressionHead(nn.Module):
             h = block(h)
         return self.final(self.norm(h[:, -self.chunk_size :]))
 
-    def loss(self, z: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L1 over valid chunk steps."""
+    def loss(
+        self, z: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor, samples: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """L1 over valid chunk steps (``samples`` is ignored: the head is deterministic)."""
         err = (self.predict(z).float() - actions).abs().mean(-1)
         loss = (err * valid).sum() / valid.sum().clamp_min(1.0)
         return {"loss": loss, "l1": loss.detach()}
@@ -477,9 +486,10 @@ class ReferenceVLA(nn.Module):
                 )
         return self.action_head.predict(z, noise)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss(self, batch: Mapping[str, torch.Tensor], flow_samples: int = 1) -> dict[str, torch.Tensor]:
         """Training loss on a batch with ``image``, ``lang_tokens``, ``lang_mask``, ``proprio``,
-        ``actions`` (B,H,A normalized) and ``action_valid`` (B,H); returns ``{"loss": ..., ...}``."""
+        ``actions`` (B,H,A normalized) and ``action_valid`` (B,H); returns ``{"loss": ..., ...}``.
+        ``flow_samples``: noise draws per frame for the flow head (see ``TrainConfig``)."""
         missing = [k for k in ("image", "lang_tokens", "lang_mask", "proprio", "actions") if k not in batch]
         if missing:
             raise KeyError(f"training batch lacks {missing}")
@@ -487,7 +497,7 @@ class ReferenceVLA(nn.Module):
         valid = batch.get("action_valid")
         valid = torch.ones(actions.shape[:2], device=actions.device) if valid is None else valid.float()
         z = self.encode_condition(batch["image"], batch["lang_tokens"], batch["lang_mask"], batch["proprio"])
-        return self.action_head.loss(z, actions, valid)
+        return self.action_head.loss(z, actions, valid, flow_samples)
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random inputs matching the Model I/O contract (for export, tests and benchmarks).
