@@ -212,3 +212,24 @@ def test_cli_end_to_end(tmp_path, toy_vla):
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("toy_name", ["toy_conv", "toy_vla"])
+def test_daptq_output_bias_correction_removes_the_mean_action_error(toy_name, request):
+    toy = request.getfixturevalue(toy_name)
+    opts = {"allocation": "uniform", "csrc": False}
+    recipe = dict(method="daptq", w_bits=2, rounding="rtn")
+    _, plain = _run(toy, **recipe, method_options={"daptq": {**opts, "bias_correction": False}})
+    model, fixed = _run(toy, **recipe, method_options={"daptq": opts})
+    report = fixed.extras["bias_correction"]
+    assert report["applied"] and report["kept"]
+    assert fixed.drift_loss < plain.drift_loss
+    before = torch.tensor(report["mean_error_before"]).abs()
+    after = torch.tensor(report["mean_error_after"]).abs()
+    assert after.max() < 0.5 * before.max()
+    # the report describes the model that was returned
+    _, adapter, batches = toy
+    ref = run_batches(toy[0], adapter, batches)
+    got = run_batches(model, adapter, batches)
+    err = torch.cat([g - r for g, r in zip(got, ref, strict=True)]).mean(dim=0)
+    assert err.abs().max() <= before.max()

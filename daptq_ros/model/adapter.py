@@ -43,6 +43,11 @@ class ReferenceVLAAdapter(PolicyAdapter):
             inputs["noise"] = batch["noise"].to(device)
         return model(**inputs)
 
+    def output_layer(self, model: nn.Module) -> str | None:
+        """``action_head.final``: its bias adds to every chunk step of the regression head, and to
+        every Euler velocity of the flow head (Σ dt = 1, so to the integrated actions too)."""
+        return "action_head.final"
+
     def interface_layers(self, model: nn.Module) -> list[str]:
         """The Linear layers of ``vl_action_interface`` (trunk readout → head conditioning z), float
         or already fake-quantized (CSRC runs after quantization)."""

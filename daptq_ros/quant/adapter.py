@@ -45,6 +45,14 @@ class PolicyAdapter(ABC):
     def interface_layers(self, model: nn.Module) -> list[str]:
         """Names of the Linear layers forming the vision-language -> action interface."""
 
+    def output_layer(self, model: nn.Module) -> str | None:
+        """Name of the Linear whose bias is added to every predicted (normalized) action step, if any.
+
+        DA-PTQ's output bias correction shifts this bias by the mean action error against FP on
+        calibration frames. Default None (no such layer: the correction is skipped).
+        """
+        return None
+
     def action_to_raw(self, actions: torch.Tensor) -> torch.Tensor:
         """Map normalized actions to raw units (default: identity). Used for the drift Jacobian."""
         return actions

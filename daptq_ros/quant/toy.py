@@ -177,6 +177,9 @@ class ToyVLAAdapter(PolicyAdapter):
     def run(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["image"], batch["proprio"], batch["noise"])
 
+    def output_layer(self, model: nn.Module) -> str | None:
+        return "action_head.final"
+
     def interface_layers(self, model: nn.Module) -> list[str]:
         return ["vl_action_interface.fc1", "vl_action_interface.fc2"]
 
@@ -190,6 +193,9 @@ class ToyConvAdapter(PolicyAdapter):
 
     def run(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["image"], batch["proprio"])
+
+    def output_layer(self, model: nn.Module) -> str | None:
+        return "out"
 
     def interface_layers(self, model: nn.Module) -> list[str]:
         return ["fc2"]
