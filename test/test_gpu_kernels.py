@@ -106,7 +106,8 @@ def test_wrappers_pick_a_valid_config_and_keep_leading_dims():
     assert out.shape == (2, 3, 64)
     ref = reference_linear(x, q4.dequantize(), b, torch.float32).reshape(2, 3, 64)
     assert relative_error(out, ref) < TOL
-    assert any(key.startswith("w4a16|M16|N64|K128|G64") for key in kernels.get_tuner().records)
+    # M=6 tunes in the GEMV bucket 8
+    assert any(key.startswith("w4a16|M8|N64|K128|G64") for key in kernels.get_tuner().records)
 
 
 def test_w8a8_intmm_matches_fake_quant_reference():

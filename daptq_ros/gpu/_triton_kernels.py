@@ -247,3 +247,163 @@ def intmm_epilogue_kernel(acc_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N,
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMV path for very few tokens (M = 1..8): no tl.dot, CUDA-core FMAs on dequantized fp32 weights.
+#
+# With M = 1 a tensor-core tile pads the token dimension to ≥ 8–16 rows and every K-block pays a
+# register→shared layout round trip for the int4 interleave; the work per weight is tiny, so
+# the kernel should only stream bytes. These kernels load the packed weights as 32-bit words
+# (8 int4 / 4 int8 per load element; each thread issues 16-byte loads), never interleave them:
+# nibble i of word c is k = 8c + i, so the activations are read as 8 (int4) or 4 (int8) strided
+# slices instead. Dequantization is one shift + one LOP (mask | exponent) per weight — the
+# offset-binary integer t goes straight into the mantissa of 1.0 (f = 1 + t/128 for int4,
+# 1 + t/256 for int8) and the affine correction is applied to the row sums:
+#     Σ q·x = 128·Σ f·x − 136·Σ x  (int4, q = t − 8),   Σ q·x = 256·Σ f·x − 384·Σ x  (int8).
+# No int→float conversion, fp32 FMAs only; the offset (≈ 1.0 per weight) costs ~4 of fp32's 24
+# mantissa bits, far below the bf16 output rounding. Split-K / epilogue as in the tl.dot kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nibble_f32(u, POS: tl.constexpr):
+    """Nibble POS (bits 4·POS..4·POS+3, offset binary t) of int32 words → float32 1 + t/128."""
+    if POS < 4:
+        v = u << (16 - 4 * POS)
+    elif POS > 4:
+        v = u >> (4 * POS - 16)
+    else:
+        v = u
+    return ((v & 0x000F0000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte_f32(u, POS: tl.constexpr):
+    """Byte POS (bits 8·POS..8·POS+7, offset binary t) of int32 words → float32 1 + t/256."""
+    if POS == 0:
+        v = u << 15
+    elif POS == 1:
+        v = u << 7
+    elif POS == 2:
+        v = u >> 1
+    else:
+        v = u >> 9
+    return ((v & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
+def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_blocks_per_split,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
+                      EVEN_N: tl.constexpr):
+    """W4A16 GEMV: x (M, K) bf16 · int4 W as int32 words (N, K/8) with bf16 group scales (K/GROUP, N).
+
+    BLOCK_M = 1: one token row per program (grid axis 1 = M), 2-D [BLOCK_N, BLOCK_K/8] tiles.
+    BLOCK_M > 1: BLOCK_M rows share each dequantized tile (3-D broadcast, one reduction per block).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    kb0 = pid_k * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_c = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
+    s_ptrs = s_ptr + ld_n
+    if BLOCK_M == 1:
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_ptrs = x_ptr + pid_m * stride_xm + kb0 * BLOCK_K + 8 * offs_c
+        for kb in range(kb0, kb1):
+            u = tl.load(w_ptrs) ^ -0x77777778  # 0x88888888: two's complement → offset binary
+            t2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            xs = tl.zeros((WORDS,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+                t2 += _nibble_f32(u, i) * xi[None, :]
+                xs += xi
+            s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
+            acc1 += (128.0 * tl.sum(t2, axis=1) - 136.0 * tl.sum(xs, axis=0)) * s
+            w_ptrs += WORDS
+            x_ptrs += BLOCK_K
+        acc = acc1[None, :]
+    else:
+        ld_m = offs_m % M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + ld_m[:, None] * stride_xm + (kb0 * BLOCK_K + 8 * offs_c)[None, :]
+        for kb in range(kb0, kb1):
+            u = tl.load(w_ptrs) ^ -0x77777778
+            t3 = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+                t3 += _nibble_f32(u, i)[None, :, :] * xi[:, None, :]
+                xs += xi
+            s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
+            acc += (128.0 * tl.sum(t3, axis=2) - 136.0 * tl.sum(xs, axis=1)[:, None]) * s[None, :]
+            w_ptrs += WORDS
+            x_ptrs += BLOCK_K
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
+              False, HAS_BIAS, SPLIT_MODE)
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
+def w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_blocks_per_split,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, EVEN_N: tl.constexpr):
+    """W8A16 GEMV: x (M, K) bf16 · int8 W as int32 words (N, K/4) with fp32 per-channel scales (N,).
+
+    Per-channel scales allow elementwise accumulation over all K-blocks and one reduction at the end.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    kb0 = pid_k * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_c = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
+    s = tl.load(s_ptr + ld_n).to(tl.float32)
+    if BLOCK_M == 1:
+        t2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        xs = tl.zeros((WORDS,), dtype=tl.float32)
+        x_ptrs = x_ptr + pid_m * stride_xm + kb0 * BLOCK_K + 4 * offs_c
+        for _kb in range(kb0, kb1):
+            u = tl.load(w_ptrs) ^ -0x7F7F7F80  # 0x80808080: two's complement → offset binary
+            for i in tl.static_range(4):
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+                t2 += _byte_f32(u, i) * xi[None, :]
+                xs += xi
+            w_ptrs += WORDS
+            x_ptrs += BLOCK_K
+        acc = ((256.0 * tl.sum(t2, axis=1) - 384.0 * tl.sum(xs, axis=0)) * s)[None, :]
+    else:
+        ld_m = offs_m % M
+        t3 = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+        x_ptrs = x_ptr + ld_m[:, None] * stride_xm + (kb0 * BLOCK_K + 4 * offs_c)[None, :]
+        for _kb in range(kb0, kb1):
+            u = tl.load(w_ptrs) ^ -0x7F7F7F80
+            for i in tl.static_range(4):
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+                t3 += _byte_f32(u, i)[None, :, :] * xi[:, None, :]
+                xs += xi
+            w_ptrs += WORDS
+            x_ptrs += BLOCK_K
+        acc = (256.0 * tl.sum(t3, axis=2) - 384.0 * tl.sum(xs, axis=1)[:, None]) * s[None, :]
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
+              False, HAS_BIAS, SPLIT_MODE)

@@ -69,6 +69,8 @@ class KernelConfig:
         num_warps / num_stages: Triton launch options.
         serial: with split-K, the last split of each tile reduces inside the same launch
             (otherwise a second, reduction launch does).
+        gemv: the CUDA-core GEMV kernels (``w*a16_gemv_kernel``, no ``tl.dot``; for M ≤ 8);
+            ``swap_ab`` and ``mode`` are then unused.
     """
 
     block_m: int = 16
@@ -80,10 +82,14 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     serial: bool = True
+    gemv: bool = False
 
     def short(self) -> str:
-        """Compact string for logs and JSON."""
+        """Compact string for logs and JSON (``g…``: the GEMV kernel)."""
         red = ("r" if self.serial else "R") if self.split_k > 1 else ""
+        if self.gemv:
+            return (f"g{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}{red}"
+                    f"w{self.num_warps}p{self.num_stages}")
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}{red}"
                 f"{'T' if self.swap_ab else 'N'}d{self.mode}w{self.num_warps}p{self.num_stages}")
 
@@ -93,6 +99,70 @@ def m_bucket(m: int) -> int:
     if m < 1:
         raise ValueError(f"M must be >= 1, got {m}")
     return min(256, max(16, 1 << (m - 1).bit_length()))
+
+
+def tune_bucket(m: int) -> int:
+    """Tuning-cache bucket: 1, 2, 4, 8 for the GEMV range, else :func:`m_bucket`.
+
+    M = 1 must not share a config with M = 16 (a GEMV and a tensor-core tile differ ~10×).
+    """
+    if m < 1:
+        raise ValueError(f"M must be >= 1, got {m}")
+    return 1 << (m - 1).bit_length() if m <= GEMV_MAX_M else m_bucket(m)
+
+
+# Largest token count the GEMV kernels are tried for (their FMA work grows with M).
+GEMV_MAX_M = 8
+
+
+def gemv_split_k(n: int, block_n: int, k_blocks: int, m_programs: int, sm_count: int) -> int:
+    """Power-of-two split-K bringing the GEMV grid to at least ~4 programs per SM (small programs:
+    their loads in flight are what hides the HBM latency), never more splits than K-blocks."""
+    tiles = math.ceil(n / block_n) * m_programs
+    split = 1
+    while tiles * split < 4 * sm_count and split * 2 <= k_blocks:
+        split *= 2
+    return split
+
+
+def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: int = 132,
+                 quick: bool = False) -> list[KernelConfig]:
+    """GEMV candidates for M ≤ :data:`GEMV_MAX_M` (empty beyond, or when K does not fit).
+
+    Tiles (BLOCK_N × BLOCK_K) of 64×G, 128×G, 32×G (int4: BLOCK_K = the group, or half of it;
+    int8: 128 / 256), each with its split-K heuristic and ×2 / ÷2 of it; BLOCK_M = 1 (one
+    program per token) and, for M > 1, BLOCK_M = M's bucket (the rows share the dequantized tile).
+    """
+    if m > GEMV_MAX_M:
+        return []
+    if kind == "w4a16":
+        bks = [bk for bk in (group, group // 2) if bk >= 32 and group % bk == 0 and k % bk == 0]
+    else:
+        bks = [bk for bk in (128, 256, 64) if k % bk == 0][:2]
+    if not bks:
+        return []
+    bucket = tune_bucket(m)
+    bms = [1] if bucket == 1 else [bucket, 1]
+    tiles = [(64, bks[0]), (128, bks[0]), (32, bks[0])]
+    if len(bks) > 1:
+        tiles.append((64, bks[1]))
+    if quick:
+        tiles = tiles[:1]
+    out: list[KernelConfig] = []
+    for bm in bms:
+        for bn, bk in (tiles if bm == bms[0] else tiles[:1]):
+            elems = bm * bn * bk
+            warps = 8 if elems >= 2 * 128 * 256 else 4
+            kb = k // bk
+            split = gemv_split_k(n, bn, kb, math.ceil(m / bm), sm_count)
+            splits = [split] if quick else [split, split * 2, max(1, split // 2)]
+            for sk in dict.fromkeys(splits):
+                if sk > kb:
+                    continue
+                out.append(KernelConfig(bm, bn, bk, sk, False, 1, warps, 3, serial=True, gemv=True))
+            if not quick and bm == bms[0] and (bn, bk) == tiles[0] and split > 1:
+                out.append(KernelConfig(bm, bn, bk, split, False, 1, warps, 3, serial=False, gemv=True))
+    return out
 
 
 def default_split_k(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sm_count: int) -> int:
@@ -163,14 +233,22 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
             out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages))
             if sk == split > 1 and tile == base[0] and not quick:  # the two-launch reduction
                 out.append(KernelConfig(bm_, bn_, bk_, sk, swap, mode, warps, stages, serial=False))
-    return out
+    if bucket == 16 and not quick:  # M = 9..16: deeper split and the 128-wide tile with 8 warps
+        extra = [(bm, 128, bk_max, 8), (bm, 64, bk_max, 8)]
+        for bm_, bn_, bk_, warps in extra:
+            split = default_split_k(m, n, k // bk_, bm_, bn_, sm_count) * 2
+            if k // bk_ >= 2 * split:
+                out.append(KernelConfig(bm_, bn_, bk_, split, True, 1, warps,
+                                        pipeline_stages(kind, bm_, bn_, bk_)))
+    # M <= 8: the GEMV kernels first (the default when tuning is off), the tensor-core tiles after
+    return list(dict.fromkeys([*gemv_configs(kind, m, n, k, group, sm_count, quick), *out]))
 
 
 def fallback_configs(kind: str, m: int, n: int, k: int, group: int = 0,
                      sm_count: int = 132) -> list[KernelConfig]:
     """Configs tried only when every candidate failed: bf16 operands (mode 2, safe for activations
     beyond the fp16 range) and the plain two-launch split-K."""
-    first = candidate_configs(kind, m, n, k, group, sm_count, quick=True)[0]
+    first = next(c for c in candidate_configs(kind, m, n, k, group, sm_count, quick=True) if not c.gemv)
     return [replace(first, mode=2), replace(first, mode=2, split_k=1), replace(first, serial=False)]
 
 
@@ -195,10 +273,12 @@ class TuneRecord:
     time_us: float | None
     tried: int
     rejected: list[str] = field(default_factory=list)
+    timings_us: dict[str, float] = field(default_factory=dict)  # every timed candidate
 
     def to_dict(self) -> dict:
         return {"key": self.key, "config": asdict(self.config), "config_str": self.config.short(),
-                "time_us": self.time_us, "tried": self.tried, "rejected": self.rejected}
+                "time_us": self.time_us, "tried": self.tried, "rejected": self.rejected,
+                "timings_us": self.timings_us}
 
 
 class Autotuner:
@@ -244,6 +324,7 @@ class Autotuner:
         ref = reference()
         best: tuple[float, KernelConfig] | None = None
         rejected: list[str] = []
+        timings: dict[str, float] = {}
         tried = 0
         for cfg in candidates:
             if time.perf_counter() - t0 > self.remaining_s():
@@ -261,6 +342,7 @@ class Autotuner:
                 rejected.append(f"{cfg.short()}: {type(exc).__name__}: {str(exc)[:200]}")
                 log.warning("%s: config %s failed: %s", key, cfg.short(), exc)
                 continue
+            timings[cfg.short()] = round(t_ms * 1e3, 2)
             if best is None or t_ms < best[0]:
                 best = (t_ms, cfg)
         self.spent_s += time.perf_counter() - t0
@@ -269,7 +351,7 @@ class Autotuner:
             cfg = self._first_valid(key, fallbacks or [], run, reference, "all candidates failed")
             self.records[key].rejected[:0] = rejected
             return cfg
-        self.records[key] = TuneRecord(key, best[1], best[0] * 1e3, tried, rejected)
+        self.records[key] = TuneRecord(key, best[1], best[0] * 1e3, tried, rejected, timings)
         log.info("tuned %s -> %s (%.1f us, %d tried, %.0f s budget left)", key, best[1].short(),
                  best[0] * 1e3, tried, self.remaining_s())
         return best[1]
@@ -391,6 +473,11 @@ def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Wei
     ws = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
     counters = tile_counters(x2.device, grid[0] * grid[1]) if split_mode == 2 else out
     bias_arg = bias if bias is not None else out
+    if cfg.gemv:
+        _launch_gemv(tk, kind, x2, weight, bias, cfg, out, ws, counters, grid, split_mode, per_split)
+        if split_mode == 1:
+            _reduce(tk, ws, bias, out, m, n, split)
+        return out
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=cfg.swap_ab,
                   MODE=cfg.mode, HAS_BIAS=bias is not None, SPLIT_MODE=split_mode,
                   EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -408,10 +495,45 @@ def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Wei
         tk.w8a16_kernel[grid](x2, weight.q, weight.scales, bias_arg, out, ws, counters,
                               m, n, k, x2.stride(0), weight.q.stride(0), n, m * n, per_split, **common)
     if split_mode == 1:
-        block = 1024
-        tk.splitk_reduce_kernel[(math.ceil(m * n / block),)](ws, bias_arg, out, m * n, n, split,
-                                                             HAS_BIAS=bias is not None, BLOCK=block)
+        _reduce(tk, ws, bias, out, m, n, split)
     return out
+
+
+def _reduce(tk: ModuleType, ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, m: int, n: int,
+            split: int) -> None:
+    block = 1024
+    tk.splitk_reduce_kernel[(math.ceil(m * n / block),)](ws, bias if bias is not None else out, out, m * n, n,
+                                                         split, HAS_BIAS=bias is not None, BLOCK=block)
+
+
+def _launch_gemv(tk: ModuleType, kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Weight,
+                 bias: torch.Tensor | None, cfg: KernelConfig, out: torch.Tensor, ws: torch.Tensor,
+                 counters: torch.Tensor, grid: tuple[int, int, int], split_mode: int, per_split: int) -> None:
+    """The GEMV kernels read the weights as int32 words: 8 int4 or 4 int8 per word."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  HAS_BIAS=bias is not None, SPLIT_MODE=split_mode, EVEN_N=n % cfg.block_n == 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bias_arg = bias if bias is not None else out
+    if kind == "w4a16":
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"w4a16 needs an Int4Weight, got {type(weight).__name__}")
+        if weight.group_size % cfg.block_k or cfg.block_k % 8:
+            raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={weight.group_size} and be a "
+                             "multiple of 8")
+        words = weight.packed.view(torch.int32)
+        tk.w4a16_gemv_kernel[grid](x2, words, weight.scales, bias_arg, out, ws, counters,
+                                   m, n, k, x2.stride(0), words.stride(0), weight.scales.stride(0),
+                                   n, m * n, per_split, GROUP=weight.group_size, **common)
+    else:
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"w8a16 needs an Int8Weight, got {type(weight).__name__}")
+        if cfg.block_k % 4:
+            raise ValueError(f"BLOCK_K={cfg.block_k} must be a multiple of 4")
+        words = weight.q.view(torch.int32)
+        tk.w8a16_gemv_kernel[grid](x2, words, weight.scales, bias_arg, out, ws, counters,
+                                   m, n, k, x2.stride(0), words.stride(0), n, m * n, per_split, **common)
 
 
 # Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
@@ -439,7 +561,7 @@ def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight, bi
     if config is None:
         tuner = get_tuner()
         group = weight.group_size if isinstance(weight, Int4Weight) else 0
-        key = f"{kind}|M{m_bucket(m)}|N{n}|K{k}|G{group}"
+        key = f"{kind}|M{tune_bucket(m)}|N{n}|K{k}|G{group}"
         record = tuner.records.get(key)
         if record is not None:
             config = record.config
