@@ -179,3 +179,18 @@ def test_time_graphs_host_fallback_rotates_inputs():
     assert out["graphs"] is False and out["replays"] == 6
     assert out["min_ms"] <= out["median_ms"] <= out["p90_ms"]
     assert seen[-8:] == [0, 1] * 4  # warm-up + timed replays alternate between the input sets
+
+
+def test_model_selection_and_the_wide_trunk():
+    from daptq_ros.gpu.trunk import wide_trunk_config
+
+    wide = wide_trunk_config(2)
+    assert wide.name == "trunk-315m-d4096" and wide.param_count() >= 300e6
+    assert ('fc1', 11008, 4096) in wide.linear_shapes()
+    cpu = torch.device("cpu")
+    names = [s.name for s in bench.model_specs(bench.Settings(device=cpu, include_1b=False))]
+    assert names[0] == "trunk-302m" and "trunk-315m-d4096" in names and "trunk-1007m" not in names
+    chosen = bench.model_specs(bench.Settings(device=cpu, models=("trunk-315m-d4096",)))
+    assert [s.name for s in chosen] == ["trunk-315m-d4096"]
+    with pytest.raises(SystemExit, match="unknown --models"):
+        bench.model_specs(bench.Settings(device=cpu, models=("trunk-7b",)))

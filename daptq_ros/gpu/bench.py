@@ -52,7 +52,13 @@ from daptq_ros.gpu.linear import (
     weight_nbytes,
 )
 from daptq_ros.gpu.packing import relative_error
-from daptq_ros.gpu.trunk import TrunkConfig, build_trunk, policy_trunk_config, vla_trunk_config
+from daptq_ros.gpu.trunk import (
+    TrunkConfig,
+    build_trunk,
+    policy_trunk_config,
+    vla_trunk_config,
+    wide_trunk_config,
+)
 
 log = logging.getLogger("daptq_ros.gpu.bench")
 
@@ -73,6 +79,7 @@ class Settings:
     budget_s: float = 330.0
     tune_budget_s: float = 150.0
     include_1b: bool = True
+    models: tuple[str, ...] | None = None  # None = every model in the default order
     smoke: bool = False
     quick: bool = False
     start: float = field(default_factory=time.perf_counter)
@@ -191,11 +198,20 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
         specs = [_trunk_spec(tiny, settings), _trunk_spec(pol, settings)]
     else:
         specs = [_trunk_spec(vla_trunk_config(6), settings), _trunk_spec(policy_trunk_config(), settings)]
-    e2e = _policy_e2e_spec(settings)
-    if e2e is not None:
-        specs.append(e2e)
+    wanted = settings.models
+    if wanted is None or "policy-e2e" in wanted:
+        e2e = _policy_e2e_spec(settings)
+        if e2e is not None:
+            specs.append(e2e)
+    if not settings.smoke:
+        specs.append(_trunk_spec(wide_trunk_config(2), settings, min_left_s=60.0))
     if settings.include_1b and not settings.smoke:
         specs.append(_trunk_spec(vla_trunk_config(20), settings, min_left_s=120.0))
+    if wanted is not None:
+        unknown = set(wanted) - {s.name for s in specs} - {"policy-e2e"}
+        if unknown:
+            raise SystemExit(f"unknown --models {sorted(unknown)}; known: {[s.name for s in specs]}")
+        specs = [s for s in specs if s.name in wanted]
     return specs
 
 
@@ -354,6 +370,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="overall time budget in s (models / variants are skipped past it)")
     p.add_argument("--tune-budget-s", type=float, default=150.0, help="total autotuning time")
     p.add_argument("--no-1b", action="store_true", help="skip the ~1B-parameter trunk")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="subset of models by name (trunk-302m, policy-trunk, policy-e2e, trunk-315m-d4096, "
+                        "trunk-1007m); default: all, in that order")
     return p.parse_args(argv)
 
 
@@ -374,7 +393,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
     return Settings(device=device, ms=ms, variants=variants, replays=replays, warmup=1 if args.smoke else 20,
                     rotate=2 if args.smoke else _N_ROTATE, budget_s=args.budget_s,
                     tune_budget_s=0.0 if args.smoke else args.tune_budget_s,
-                    include_1b=not (args.no_1b or args.quick or args.smoke), smoke=args.smoke,
+                    include_1b=not (args.no_1b or args.quick or args.smoke),
+                    models=tuple(args.models) if args.models else None, smoke=args.smoke,
                     quick=args.quick)
 
 

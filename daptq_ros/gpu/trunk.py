@@ -7,6 +7,7 @@ LayerNorm → GELU MLP → residual) whose Linears are plain ``nn.Linear`` so th
 
 - :func:`vla_trunk_config` — VLA-sized: d_model 2048, 16 heads, GELU MLP 8192, fused QKV, no
   biases; 6 layers = 302M parameters (≥ 300M), 20 layers ≈ 1.0B.
+- :func:`wide_trunk_config` — 7B-VLA layer shapes (d 4096, MLP 11008); 2 layers = 315M.
 - :func:`policy_trunk_config` — the reference policy's trunk shapes from
   ``daptq_ros.model.config.VLAConfig`` (d_model 192, separate q/k/v/o with biases, MLP ratio 4),
   or the same defaults hard-wired when that package is not importable.
@@ -86,6 +87,16 @@ def vla_trunk_config(n_layers: int = 6, name: str | None = None) -> TrunkConfig:
     cfg = TrunkConfig(name="", d_model=2048, n_layers=n_layers, n_heads=16, ffn=8192, fused_qkv=True,
                       bias=False)
     label = name or f"trunk-{cfg.param_count() / 1e6:.0f}m"
+    return TrunkConfig(**{**asdict(cfg), "name": label})
+
+
+def wide_trunk_config(n_layers: int = 2, name: str | None = None) -> TrunkConfig:
+    """A trunk with 7B-VLA layer shapes (OpenVLA/CogACT's Llama-2 width): d 4096, 32 heads, GELU
+    MLP 11008, fused QKV; 2 layers = 315M parameters. Each Linear is 34-90 MB in bf16, so batch-1
+    matmuls are bandwidth-bound rather than launch-bound (the d-2048 trunk's 8-34 MB are not)."""
+    cfg = TrunkConfig(name="", d_model=4096, n_layers=n_layers, n_heads=32, ffn=11008, fused_qkv=True,
+                      bias=False)
+    label = name or f"trunk-{cfg.param_count() / 1e6:.0f}m-d4096"
     return TrunkConfig(**{**asdict(cfg), "name": label})
 
 
