@@ -127,6 +127,9 @@ def test_config_file_and_bad_keys(tmp_path):
     assert cfg.thresholds.per_dof["gripper"].max is None and cfg.thresholds.per_dof["gripper"].p95 == 0.3
     assert cfg.kinematics.action_scale == 0.01
     assert cfg.topics.image == DriftConfig().topics.image
+    loose = load_drift_config(REPO / "config" / "drift_sim_gate.yaml")
+    assert loose.thresholds.drift_m == 0.04 and loose.thresholds.default.max is None
+    assert loose.thresholds.default.p95 == cfg.thresholds.default.p95 and loose.topics == cfg.topics
     bad = tmp_path / "bad.yaml"
     bad.write_text("drift:\n  thresholds:\n    drift_mm: 3\n")
     with pytest.raises(ConfigError, match="drift_mm"):
