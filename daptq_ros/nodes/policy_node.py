@@ -493,6 +493,13 @@ def main(args: list[str] | None = None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # SIGINT shuts the context down from rclpy's signal handler; a callback already picked by
+        # the executor (e.g. the diagnostics timer) then fails to publish ("publisher's context is
+        # invalid"). That is a clean shutdown, not a fault; any error while the context is up is.
+        if rclpy.ok():
+            raise
+        node.get_logger().info("shutdown interrupted a callback; exiting")
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

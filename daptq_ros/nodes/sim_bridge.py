@@ -259,6 +259,10 @@ def main(args: list[str] | None = None) -> None:
         code = 3
     except (KeyboardInterrupt, ExternalShutdownException):
         code = 130
+    except Exception:
+        if rclpy.ok():  # a fault while running; otherwise SIGINT raced a publish (see policy_node)
+            raise
+        code = 130
     finally:
         if node is not None:
             node.destroy_node()
