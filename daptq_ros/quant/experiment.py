@@ -367,6 +367,7 @@ class Runner:
                 "csrc_kept": sorted(n for n, v in (extras.get("csrc") or {}).items() if v.get("kept", True)),
                 "float_layers": len([s for s in result.layers.values() if s.is_float]),
                 "pruned_channels": extras.get("pruned_channels"),
+                "bias_correction": extras.get("bias_correction"),
             },
         }
         (run_dir / "quant.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -426,6 +427,9 @@ def _notes(variant: VariantSpec, q: dict[str, Any]) -> str:
     if q.get("method") in ("daptq", "daptq_paper") and d.get("csrc_kept") is not None:
         kept = [n.rsplit(".", 1)[-1] for n in d["csrc_kept"]]
         parts.append("CSRC " + ("+".join(kept) if kept else "none kept"))
+    bias = d.get("bias_correction")
+    if isinstance(bias, dict) and bias.get("applied"):
+        parts.append("bias corr. " + ("kept" if bias.get("kept") else "reverted"))
     if d.get("pruned_channels"):
         parts.append(f"{d['pruned_channels']} pruned ch")
     if d.get("float_layers"):
