@@ -223,6 +223,7 @@ def test_daptq_output_bias_correction_removes_the_mean_action_error(toy_name, re
     model, fixed = _run(toy, **recipe, method_options={"daptq": opts})
     report = fixed.extras["bias_correction"]
     assert report["applied"] and report["kept"]
+    assert fixed.extras["map"] == "uniform"  # the map's origin is reported as what it is
     assert fixed.drift_loss < plain.drift_loss
     before = torch.tensor(report["mean_error_before"]).abs()
     after = torch.tensor(report["mean_error_after"]).abs()

@@ -281,7 +281,10 @@ class DAPTQ:
         quantize_layers(candidate, ctx.adapter, ctx.batches, plan, ctx.engine, desc="daptq")
         timing["quantize_s"] = time.perf_counter() - t0
         timing["quantize_cpu_s"] = time.process_time() - c0
-        chosen = "allocated"
+        # where the map came from, for the report: "allocated" (knapsack), "uniform" or "random"
+        chosen = "allocated" if o.allocation == "knapsack" else o.allocation
+        if ctx.recipe.budget is None:
+            chosen = "uniform"
         if o.guard_uniform and o.allocation == "knapsack" and ctx.recipe.budget is not None:
             t0, c0 = time.perf_counter(), time.process_time()
             uplan = ctx.uniform_plan(ctx.uniform_bits())
