@@ -15,6 +15,8 @@ if not ON_GPU:
 
 triton = pytest.importorskip("triton", reason="triton not installed (pip install triton; dev extra)")
 
+from test_gpu_kernels import compile_report  # noqa: E402
+
 from daptq_ros.gpu import kernels  # noqa: E402
 from daptq_ros.gpu.kernels import KernelConfig, gemv_configs, launch_weight_only, tune_bucket  # noqa: E402
 from daptq_ros.gpu.packing import (  # noqa: E402
@@ -122,39 +124,19 @@ def test_gemv_candidates_and_buckets():
     assert not any(c.gemv for c in kernels.fallback_configs("w4a16", 1, 2048, 8192, 128))
 
 
-_COMPILE_SCRIPT = r"""
-import json, re, sys
-import triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as exc:
-    print(json.dumps({"skip": f"Triton compile API not available: {exc}"})); sys.exit(0)
-from daptq_ros.gpu import _triton_kernels as tk
-
-def comp(fn, signature, constexprs, num_warps):
-    sig = {**signature, **{name: "constexpr" for name in constexprs}}
-    # pointers and the strides / sizes divisible by 16, as Triton specializes them at a real launch
-    div16 = {"K", "N", "stride_xm", "stride_wn", "stride_sg", "stride_om", "stride_os"}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
-             if t[0] == "*" or a in div16}
-    try:
-        src = ASTSource(fn, sig, constexprs, attrs)
-    except TypeError as exc:
-        print(json.dumps({"skip": f"Triton ASTSource signature differs: {exc}"})); sys.exit(0)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                         "num_stages": 3})
-
+_COMPILE_BODY = r"""
+# strides / sizes divisible by 16 as well, as Triton specializes them at a real launch
+DIV16 = {"K", "N", "stride_xm", "stride_wn", "stride_sg", "stride_om", "stride_os"}
 common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
           "stride_os": "i32", "k_blocks_per_split": "i32"}
 ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
         "cnt_ptr": "*i32"}
 w4 = comp(tk.w4a16_gemv_kernel, {**ptrs, "s_ptr": "*bf16", **common, "stride_sg": "i32"},
           {"GROUP": 128, "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": False, "SPLIT_MODE": 2,
-           "EVEN_N": True}, 4)
+           "EVEN_N": True}, 4, div16=DIV16, num_stages=3)
 w8 = comp(tk.w8a16_gemv_kernel, {**ptrs, "s_ptr": "*fp32", **common},
           {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "HAS_BIAS": True, "SPLIT_MODE": 0,
-           "EVEN_N": False}, 4)
+           "EVEN_N": False}, 4, div16=DIV16, num_stages=3)
 print(json.dumps({"v4": [bool(re.search(r"ld\.global[.\w]*\.v4\.b32", k.asm["ptx"])) for k in (w4, w8)],
                   "mma": ["mma" in k.asm["ptx"] for k in (w4, w8)],
                   "i2f": ["cvt.rn.f32.s32" in k.asm["ptx"] for k in (w4, w8)]}))
@@ -163,21 +145,7 @@ print(json.dumps({"v4": [bool(re.search(r"ld\.global[.\w]*\.v4\.b32", k.asm["ptx
 
 @pytest.mark.skipif(ON_GPU, reason="compile check is for GPU-less CI")
 def test_gemv_kernels_compile_for_hopper_with_wide_loads():
-    import json
-    import subprocess
-    import sys
-
-    import daptq_ros
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(daptq_ros.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
+    result = compile_report(_COMPILE_BODY)
     assert result["v4"] == [True, True]  # 16-byte weight loads
     assert result["mma"] == [False, False]  # CUDA cores only
     assert result["i2f"] == [False, False]  # dequantization without int→float conversions

@@ -146,7 +146,7 @@ def test_launch_rejects_bad_shapes():
 
 # Compiles two kernels for sm_90 with Triton's own compiler (no GPU needed). It runs in a fresh
 # interpreter because this module switched Triton to interpret mode at import.
-_COMPILE_SCRIPT = r"""
+COMPILE_PRELUDE = r"""
 import json, re, sys
 import triton
 try:
@@ -156,15 +156,45 @@ except ImportError as exc:
     print(json.dumps({"skip": f"Triton compile API not available: {exc}"})); sys.exit(0)
 from daptq_ros.gpu import _triton_kernels as tk
 
-def comp(fn, signature, constexprs, num_warps):
+# compile fn for sm_90; pointers (and the args in div16) marked divisible by 16, as Triton
+# specializes them at a real launch
+def comp(fn, signature, constexprs, num_warps, div16=(), num_stages=None):
     sig = {**signature, **{name: "constexpr" for name in constexprs}}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t[0] == "*"}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+             if t[0] == "*" or a in div16}
     try:
         src = ASTSource(fn, sig, constexprs, attrs)
     except TypeError as exc:
         print(json.dumps({"skip": f"Triton ASTSource signature differs: {exc}"})); sys.exit(0)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+"""
 
+
+def compile_report(body: str) -> dict:
+    """Run ``COMPILE_PRELUDE + body`` (which prints one JSON line) in a subprocess without
+    ``TRITON_INTERPRET``; returns the JSON, or skips when this Triton lacks the compile API."""
+    import json
+    import subprocess
+    import sys
+
+    import daptq_ros
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(daptq_ros.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_PRELUDE + body], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result
+
+
+_COMPILE_BODY = r"""
 common = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
           "stride_os": "i32", "k_blocks_per_split": "i32"}
 w4 = comp(tk.w4a16_kernel,
@@ -185,20 +215,6 @@ print(json.dumps({"wgmma": ["wgmma.mma_async" in k.asm["ptx"] for k in (w4, w8)]
 
 @pytest.mark.skipif(ON_GPU, reason="compile check is for GPU-less CI")
 def test_kernels_compile_for_hopper_with_wgmma():
-    import json
-    import subprocess
-    import sys
-
-    import daptq_ros
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(daptq_ros.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
+    result = compile_report(_COMPILE_BODY)
     assert result["wgmma"] == [True, True]  # Hopper tensor-core path, not mma.sync / FMA
     assert result["atom"]  # the split-K tile counter is a release/acquire atomic
