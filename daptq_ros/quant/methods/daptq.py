@@ -138,14 +138,14 @@ def knapsack(
     return out
 
 
-def mean_action_error(ctx: QuantContext, bias_numel: int) -> torch.Tensor:
-    """Mean (quantized - FP) action error on the calibration frames, shaped like the output bias.
+def mean_action_error(ctx: QuantContext, preds: list[torch.Tensor], bias_numel: int) -> torch.Tensor:
+    """Mean (quantized - FP) action error of ``preds`` (the calibration batches' actions), shaped
+    like the output bias.
 
     ``bias_numel == A``: one value per action dimension, averaged over the chunk with the drift
     loss's horizon weights (the bias is shared by all chunk steps). ``bias_numel == H * A``: one
     value per chunk step and dimension (a head that outputs the flattened chunk).
     """
-    preds = run_batches(ctx.model, ctx.adapter, ctx.batches)
     err = torch.cat([(p - r).reshape(-1, *p.shape[-2:]) for p, r in zip(preds, ctx.fp_actions, strict=True)])
     horizon, action_dim = err.shape[-2:]
     if bias_numel == action_dim:
@@ -173,8 +173,10 @@ def correct_output_bias(ctx: QuantContext, iterations: int = 3) -> dict[str, Any
     if getattr(layer, "bias", None) is None:
         raise AdapterError(f"output layer {name!r} has no bias to correct")
     original = layer.bias.detach().clone()
-    before = ctx.drift_of(sweep=False)
-    first = mean_action_error(ctx, layer.bias.numel())
+    # one forward per model state: its actions give both the drift loss and the mean error
+    preds = run_batches(ctx.model, ctx.adapter, ctx.batches)
+    before = ctx.drift.over_batches(preds, ctx.fp_actions)
+    first = mean_action_error(ctx, preds, layer.bias.numel())
     # Secant iteration per entry: the first shift is the error itself; afterwards each entry's
     # step is its error divided by the measured gain (error removed per unit of shift), since
     # the flow head's Euler steps feed part of the shift back through the velocity network.
@@ -183,11 +185,13 @@ def correct_output_bias(ctx: QuantContext, iterations: int = 3) -> dict[str, Any
         for _ in range(iterations):
             step = err / gain
             layer.bias.sub_(step.to(layer.bias))
-            new_err = mean_action_error(ctx, layer.bias.numel())
-            measured = (err - new_err) / torch.where(step.abs() > 1e-12, step, torch.ones_like(step))
-            gain = torch.where(step.abs() > 1e-12, measured, gain).clamp(0.2, 5.0)
+            preds = run_batches(ctx.model, ctx.adapter, ctx.batches)
+            new_err = mean_action_error(ctx, preds, layer.bias.numel())
+            moved = step.abs() > 1e-12
+            measured = (err - new_err) / torch.where(moved, step, torch.ones_like(step))
+            gain = torch.where(moved, measured, gain).clamp(0.2, 5.0)
             err = new_err
-    after = ctx.drift_of(sweep=False)
+    after = ctx.drift.over_batches(preds, ctx.fp_actions)
     kept = after < before
     if not kept:
         with torch.no_grad():
