@@ -167,19 +167,30 @@ class BagRecorder(Node):
             cls = message_class(types[topic])
             self._subs.append(
                 self.create_subscription(
-                    cls, topic, lambda data, t=topic: self._on_message(t, data), qos, raw=True
+                    cls, topic, lambda data, info, t=topic: self._on_message(t, data, info), qos, raw=True
                 )
             )
             logger.info(
                 "recording %s [%s] (%s, %s)", topic, types[topic], qos.reliability.name, qos.durability.name
             )
 
-    def _on_message(self, topic: str, data: bytes) -> None:
+    def _on_message(self, topic: str, data: bytes, info: Mapping[str, Any]) -> None:
         if self._writer is None or self.done:
             return
-        self._writer.write_raw(topic, self.get_clock().now().nanoseconds, data)
+        self._writer.write_raw(topic, self._stamp(info), data)
         self.counts[topic] += 1
         self.total += 1
+
+    def _stamp(self, info: Mapping[str, Any]) -> int:
+        """Bag timestamp: the middleware's receive time (as rosbag2 records), not the callback time.
+
+        The executor may run the callbacks of two topics in either order, so stamping at callback time
+        could put a command before the image it answers. Under simulated time the node clock is used.
+        """
+        received = int(info.get("received_timestamp") or 0)
+        if received > 0 and not self.get_clock().ros_time_is_active:
+            return received
+        return self.get_clock().now().nanoseconds
 
     @property
     def done(self) -> bool:
