@@ -194,3 +194,14 @@ def test_model_selection_and_the_wide_trunk():
     assert [s.name for s in chosen] == ["trunk-315m-d4096"]
     with pytest.raises(SystemExit, match="unknown --models"):
         bench.model_specs(bench.Settings(device=cpu, models=("trunk-7b",)))
+
+
+def test_compile_flag_and_triton_linears_stay_out_of_dynamo(tmp_path):
+    from daptq_ros.gpu.linear import W4A16Linear, W8A8Linear, W8A16Linear
+
+    args = bench.parse_args(["--json", str(tmp_path / "o.json"), "--smoke", "--compile"])
+    assert bench.make_settings(args).compile
+    assert not bench.make_settings(bench.parse_args(["--json", str(tmp_path / "o.json"), "--smoke"])).compile
+    # Their Python launchers (autotuner cache, split-K workspaces) must run eagerly under torch.compile.
+    for cls in (W4A16Linear, W8A16Linear, W8A8Linear):
+        assert getattr(cls.forward, "_torchdynamo_disable", False), cls.__name__

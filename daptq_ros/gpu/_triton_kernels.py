@@ -319,7 +319,9 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
     s_ptrs = s_ptr + ld_n
     if BLOCK_M == 1:
-        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Elementwise accumulation, one cross-lane reduction at the end: the group scale is applied
+        # to each (row, word) partial (2 FMAs per 8 weights) instead of reducing every K-block.
+        acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         x_ptrs = x_ptr + pid_m * stride_xm + kb0 * BLOCK_K + 8 * offs_c
         for kb in range(kb0, kb1):
             u = tl.load(w_ptrs) ^ -0x77777778  # 0x88888888: two's complement → offset binary
@@ -330,13 +332,13 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 t2 += _nibble_f32(u, i) * xi[None, :]
                 xs += xi
             s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
-            acc1 += (128.0 * tl.sum(t2, axis=1) - 136.0 * tl.sum(xs, axis=0)) * s
+            acc2 += t2 * (128.0 * s)[:, None] - xs[None, :] * (136.0 * s)[:, None]
             w_ptrs += WORDS
             x_ptrs += BLOCK_K
-        acc = acc1[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
     else:
         ld_m = offs_m % M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
         x_ptrs = x_ptr + ld_m[:, None] * stride_xm + (kb0 * BLOCK_K + 8 * offs_c)[None, :]
         for kb in range(kb0, kb1):
             u = tl.load(w_ptrs) ^ -0x77777778
@@ -347,9 +349,10 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 t3 += _nibble_f32(u, i)[None, :, :] * xi[:, None, :]
                 xs += xi
             s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
-            acc += (128.0 * tl.sum(t3, axis=2) - 136.0 * tl.sum(xs, axis=1)[:, None]) * s[None, :]
+            acc3 += t3 * (128.0 * s)[None, :, None] - xs[:, None, :] * (136.0 * s)[None, :, None]
             w_ptrs += WORDS
             x_ptrs += BLOCK_K
+        acc = tl.sum(acc3, axis=2)
     _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
               False, HAS_BIAS, SPLIT_MODE)
 

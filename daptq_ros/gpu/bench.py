@@ -82,6 +82,7 @@ class Settings:
     models: tuple[str, ...] | None = None  # None = every model in the default order
     smoke: bool = False
     quick: bool = False
+    compile: bool = False  # torch.compile (Inductor) the timed forward of trunks: fuses the non-matmul ops
     start: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -273,13 +274,15 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
                      for m in spec.ms]
             continue
         wbytes = weight_nbytes(model)
+        timed = _compiled(model) if settings.compile and spec.kind == "trunk" else model
         for m in spec.ms:
             row = {**common, "M": m, "weight_bytes": wbytes, "quant": qrep.to_dict(),
+                   "compiled": timed is not model,
                    "floor_ms": report.bandwidth_floor_ms(wbytes, bw_gbs),
                    "compute_floor_ms": report.compute_floor_ms(m, spec.linear_params, tflops)}
             try:
-                _check(row, model, ref, ref_orig, spec, m, bf16_err)
-                _time(row, model, spec, m, settings)
+                _check(row, timed, ref, ref_orig, spec, m, bf16_err)
+                _time(row, timed, model, spec, m, settings)
                 row["status"] = "ok" if row["valid"] else "invalid"
             except Exception as exc:
                 log.exception("%s/%s/M=%d failed", spec.name, variant, m)
@@ -288,9 +291,9 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
             log.info("%s %s M=%s: %s trunk %s ms, linears %s ms, err %s", spec.name, variant, m,
                      row.get("status"), _f(row.get("trunk_ms")), _f(row.get("linears_ms")),
                      _f(row.get("rel_err_kernel"), ".1e"))
-        del model, ref
+        del model, ref, timed
         _free(dev)
-    _repeat_bf16(rows, base, spec, settings)
+    _repeat_bf16(rows, _compiled(base) if settings.compile and spec.kind == "trunk" else base, spec, settings)
     del base, ref_orig
     _free(dev)
     return rows
@@ -345,10 +348,21 @@ def _check(row: dict[str, Any], model: nn.Module, ref: nn.Module, ref_orig: nn.M
                     err, band)
 
 
-def _time(row: dict[str, Any], model: nn.Module, spec: ModelSpec, m: int, settings: Settings) -> None:
+def _compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` (Inductor, static shapes) of the forward: LayerNorm / residual / GELU are
+    fused into fewer kernels; matmuls stay the variant's own (cuBLAS, tinygemm, or our Triton
+    kernels, which Dynamo either traces as user kernels or leaves behind a graph break). Compilation
+    happens in the warm-up, before the CUDA graph is captured."""
+    return torch.compile(model, dynamic=False)
+
+
+def _time(row: dict[str, Any], timed: nn.Module, model: nn.Module, spec: ModelSpec, m: int,
+          settings: Settings) -> None:
+    """Latency of the full forward (``timed``: the model or its compiled form) and of the
+    model's Linears alone (always eager modules, in one CUDA graph)."""
     dev = settings.device
     inputs = [spec.make_input(m, 100 + i) for i in range(settings.rotate)]
-    t = timing.time_graphs(lambda inp: _call(model, inp), inputs, dev, settings.replays, settings.warmup)
+    t = timing.time_graphs(lambda inp: _call(timed, inp), inputs, dev, settings.replays, settings.warmup)
     row.update(trunk_ms=t["median_ms"], trunk_p10_ms=t["p10_ms"], trunk_p90_ms=t["p90_ms"],
                graphs=t["graphs"])
     if spec.kind == "trunk":
@@ -370,6 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="overall time budget in s (models / variants are skipped past it)")
     p.add_argument("--tune-budget-s", type=float, default=150.0, help="total autotuning time")
     p.add_argument("--no-1b", action="store_true", help="skip the ~1B-parameter trunk")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each trunk's forward (every variant, bf16 included) before timing")
     p.add_argument("--models", nargs="+", default=None,
                    help="subset of models by name (trunk-302m, policy-trunk, policy-e2e, trunk-315m-d4096, "
                         "trunk-1007m); default: all, in that order")
@@ -395,7 +411,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
                     tune_budget_s=0.0 if args.smoke else args.tune_budget_s,
                     include_1b=not (args.no_1b or args.quick or args.smoke),
                     models=tuple(args.models) if args.models else None, smoke=args.smoke,
-                    quick=args.quick)
+                    quick=args.quick, compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +466,7 @@ def _write(path: Path, info: dict, ceilings: dict, settings: Settings, models: l
         "settings": {"ms": settings.ms, "variants": settings.variants, "replays": settings.replays,
                      "warmup": settings.warmup, "rotate": settings.rotate, "budget_s": settings.budget_s,
                      "tune_budget_s": settings.tune_budget_s, "quick": settings.quick,
-                     "smoke": settings.smoke},
+                     "smoke": settings.smoke, "compile": settings.compile},
         "targets": {"speedup": report.TARGET_SPEEDUP, "x_floor": report.TARGET_X_FLOOR, "summary": summary},
         "models": models, "rows": rows,
         "tuning": {"spent_s": round(tuner.spent_s, 1),

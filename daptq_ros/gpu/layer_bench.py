@@ -35,20 +35,23 @@ from daptq_ros.gpu.packing import (
     reference_linear,
     relative_error,
 )
-from daptq_ros.gpu.trunk import build_trunk, vla_trunk_config
+from daptq_ros.gpu.trunk import TrunkConfig, build_trunk, vla_trunk_config, wide_trunk_config
 
 log = logging.getLogger("daptq_ros.gpu.layer_bench")
+
+# --trunk choices: whose Linear shapes are timed and which trunk is profiled.
+TRUNKS = {"trunk-302m": lambda: vla_trunk_config(6), "trunk-315m-d4096": lambda: wide_trunk_config(2)}
 
 _MATMUL_HINTS = ("gemm", "gemv", "w4a16", "w8a16", "int4pack", "splitk", "sm90_xmma", "cutlass", "nvjet",
                  "tinygemm", "_mm", "matmul")
 
 
 @torch.no_grad()
-def layer_rows(ms: tuple[int, ...], bw_gbs: float) -> list[dict[str, Any]]:
-    """Times of every implementation / candidate per (shape, M)."""
+def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = None) -> list[dict[str, Any]]:
+    """Times of every implementation / candidate per (shape of ``trunk``'s Linears, M)."""
     dev = torch.device("cuda")
     rows: list[dict[str, Any]] = []
-    for _name, n, k in vla_trunk_config(6).linear_shapes():
+    for _name, n, k in (trunk or vla_trunk_config(6)).linear_shapes():
         gen = torch.Generator(device=dev).manual_seed(n + k)
         w = torch.randn(n, k, device=dev, generator=gen) * 0.02
         wb = w.to(torch.bfloat16)
@@ -91,15 +94,16 @@ def layer_rows(ms: tuple[int, ...], bw_gbs: float) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def profile_trunk(variant: str, m: int = 1, reps: int = 20) -> dict[str, Any]:
-    """Kernel time per name of the eager trunk-302m forward (µs per forward), matmul vs the rest."""
+def profile_trunk(variant: str, m: int = 1, reps: int = 20, cfg: TrunkConfig | None = None) -> dict[str, Any]:
+    """Kernel time per name of the eager trunk forward (µs per forward), matmul vs the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device("cuda")
-    model = build_trunk(vla_trunk_config(6), dev)
+    cfg = cfg or vla_trunk_config(6)
+    model = build_trunk(cfg, dev)
     if variant != "bf16":
         model, _ = quantize_model(model, variant)
-    x = torch.randn(1, m, 2048, device=dev).to(torch.bfloat16)
+    x = torch.randn(1, m, cfg.d_model, device=dev).to(torch.bfloat16)
     for _ in range(3):
         model(x)
     torch.cuda.synchronize()
@@ -122,7 +126,7 @@ def profile_trunk(variant: str, m: int = 1, reps: int = 20) -> dict[str, Any]:
     n_other = sum(r["calls"] for r in kern if not r["matmul"])
     del model
     torch.cuda.empty_cache()
-    return {"variant": variant, "M": m, "matmul_us": mm, "non_matmul_us": other,
+    return {"variant": variant, "M": m, "model": cfg.name, "matmul_us": mm, "non_matmul_us": other,
             "non_matmul_kernels": n_other, "kernels": kern}
 
 
@@ -150,7 +154,8 @@ def _print(rows: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> None:
         print(f"| {r['N']} | {r['K']} | {r['M']} | {r['impl']} | {r['config']} | {r['us']:.1f} | "
               f"{r['gbs']:.0f} | {r['x_floor']:.1f} |")
     for p in profiles:
-        print(f"\n## Eager kernel times, trunk-302m {p['variant']} M={p['M']} (µs per forward)\n")
+        name = p.get("model", "trunk")
+        print(f"\n## Eager kernel times, {name} {p['variant']} M={p['M']} (µs per forward)\n")
         if "error" in p:
             print(f"ERROR {p['error']}")
             continue
@@ -169,22 +174,25 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--trunk", choices=sorted(TRUNKS), default="trunk-302m",
+                   help="whose Linear shapes to time and which trunk to profile")
     args = p.parse_args(argv)
+    cfg = TRUNKS[args.trunk]()
     if not torch.cuda.is_available():
         raise SystemExit("layer_bench needs a CUDA device")
     ceil = timing.measure_ceilings(torch.device("cuda"), copy_mib=1024, gemm_n=4096)
     profiles = []
     for variant in ("bf16", "w4a16_g128"):
         try:
-            profiles.append(profile_trunk(variant))
+            profiles.append(profile_trunk(variant, cfg=cfg))
         except Exception as exc:
             log.exception("profile %s failed", variant)
             profiles.append({"variant": variant, "M": 1, "error": f"{type(exc).__name__}: {exc}"})
         _print([], profiles[-1:])
-    print("\n## Per-layer candidates (trunk-302m shapes; CUDA graph, L2 flushed, median of 25)\n")
+    print(f"\n## Per-layer candidates ({cfg.name} shapes; CUDA graph, L2 flushed, median of 25)\n")
     print("| N | K | M | impl | config | µs | GB/s | × floor | rel err |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    rows = layer_rows(tuple(args.ms), ceil["bw_gbs"])
+    rows = layer_rows(tuple(args.ms), ceil["bw_gbs"], cfg)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"ceilings": ceil, "machine": timing.machine_info(torch.device("cuda")),
                                      "rows": rows, "profiles": profiles}, indent=1, default=str))
