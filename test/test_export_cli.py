@@ -41,11 +41,17 @@ def checkpoints(tmp_path_factory):
         root / "policy.safetensors", model, io.NormStats.from_dict(NORM), {"instructions": INSTRUCTIONS}
     )
     instruction_table().save(root / "instructions.safetensors")
+    q_path, plan = write_quantized(model, fp_path, root / "policy_q.safetensors", QUANT)
+    return model, fp_path, q_path, plan, root
+
+
+def write_quantized(model, fp_path, q_path, quant):
+    """A hand-built RTN checkpoint of ``model``: ``quant`` = name -> (bits, group, quantize input)."""
     calib = model.example_inputs(1, seed=9)
-    scales = input_scales_for(model, [n for n, (_, _, a) in QUANT.items() if a], calib)
+    scales = input_scales_for(model, [n for n, (_, _, a) in quant.items() if a], calib)
     plan = [
         rtn(n, model.get_submodule(n).weight, b, g, input_scale=scales.get(n))
-        for n, (b, g, _) in QUANT.items()
+        for n, (b, g, _) in quant.items()
     ]
     tensors = {
         k: v.numpy()
@@ -79,9 +85,8 @@ def checkpoints(tmp_path_factory):
         "layers": layers,
         "base": io.read_metadata(fp_path)["daptq.checkpoint"],
     }
-    q_path = root / "policy_q.safetensors"
     save_file(tensors, str(q_path), metadata={"daptq.quant": json.dumps(meta)})
-    return model, fp_path, q_path, plan, root
+    return q_path, plan
 
 
 def input_scales_for(model, names, feeds):
@@ -194,3 +199,42 @@ def test_export_refusals(checkpoints, tmp_path):
         main(["export", "--checkpoint", str(q_path), "--out", str(tmp_path / "b")]) == 2
     )  # quantized, not FP
     assert not (tmp_path / "a" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("flavour", ["trt", "cpu"])
+def test_input_independent_layers_are_folded_not_refused(checkpoints, tmp_path, flavour):
+    """The flow head's time MLP sees only the fixed integration times: the exporter folds it into
+    constants (from the dequantized weights), so a plan quantizing it must still export."""
+    from daptq_ros.export.quantized import input_independent_layers
+
+    model, fp_path, _, _, _ = checkpoints
+    time_mlp = {"action_head.time_fc1": (8, 0, True), "action_head.time_fc2": (4, 16, False)}
+    # The one-block trunk's last block queries only the learned readout tokens: its q_proj input is
+    # input-independent too, but it stays in the graph (LayerNorm runs on all tokens before the
+    # slice), so only the time MLP is folded.
+    assert input_independent_layers(model, [*QUANT, *time_mlp]) == {*time_mlp, "trunk.blocks.0.attn.q_proj"}
+    q_path, plan = write_quantized(model, fp_path, tmp_path / "q.safetensors", {**QUANT, **time_mlp})
+    out = tmp_path / flavour
+    assert main(["export", "--quantized", str(q_path), "--out", str(out), "--flavour", flavour]) == 0
+    layers = json.loads((out / "manifest.json").read_text())["layers"]
+    assert {n for n, e in layers.items() if e.get("kernel") == "folded"} == set(time_mlp)
+    time_fc1 = layers["action_head.time_fc1"]
+    assert time_fc1["a_bits"] == 16 and time_fc1["a_bits_quantizer"] == 8  # folded with float inputs
+    policy = OnnxStepPolicy(out, threads=1, allow_encode=False)
+    feeds = model.example_inputs(1, seed=5)
+    with torch.no_grad():  # folded from the dequantized weights: same numbers as the fake-quant model
+        ref = fake_quant_reference(model, plan).eval()(**feeds).numpy()
+    got = policy.session.run({k: v.numpy() for k, v in feeds.items()})["actions"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
+
+
+def test_a_layer_missing_for_another_reason_is_still_refused(checkpoints, tmp_path):
+    from daptq_ros.export.qdq import ExportError, match_layers
+
+    _, _, q_path, plan, _ = checkpoints
+    out = tmp_path / "q"
+    assert main(["export", "--quantized", str(q_path), "--out", str(out)]) == 0
+    model = onnx.load(str(out / "model.onnx"))
+    ghost = {**{lq.name: lq for lq in plan}, "action_head.ghost": plan[0]}
+    with pytest.raises(ExportError, match=r"action_head\.ghost.*not found"):
+        match_layers(model, ghost, folded={"action_head.time_fc1"})

@@ -129,7 +129,7 @@ def _export_fp(args: argparse.Namespace, checkpoint: Path, out: Path) -> Any:
 def _export_quantized(args: argparse.Namespace) -> Any:
     from daptq_ros.export.cpu import CpuOptions
     from daptq_ros.export.qdq import export_qdq
-    from daptq_ros.export.quantized import float_twin, read_quantized
+    from daptq_ros.export.quantized import float_twin, input_independent_layers, read_quantized
     from daptq_ros.model.io import NormStats
 
     ckpt = read_quantized(args.quantized)
@@ -163,6 +163,7 @@ def _export_quantized(args: argparse.Namespace) -> Any:
             budget=ckpt.budget,
             avg_bits=ckpt.avg_bits,
             extra_config={"recipe": ckpt.meta.get("recipe", {})},
+            folded=input_independent_layers(model, [lq.name for lq in ckpt.plan]),
             cpu_options=CpuOptions(
                 weight_only=args.cpu_weight_only,
                 accuracy_level=args.cpu_accuracy_level,

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,11 @@ class LayerQuant:
             "symmetric": self.zero is None,
             "storage": f"int{self.storage_bits}",
         }
-        if flavour == "cpu":
+        if kernel == "folded":  # computed once at export from the dequantized weights
+            entry.update(kernel="folded", a_bits=FLOAT_BITS)
+            if self.input_scale is not None:
+                entry["a_bits_quantizer"] = 8
+        elif flavour == "cpu":
             entry["kernel"] = kernel or "dq"
             granularity = {
                 "int8": "tensor",
@@ -212,15 +216,18 @@ def _weight_source(
     return None, False
 
 
-def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict[str, list[onnx.NodeProto]]:
+def match_layers(
+    model: onnx.ModelProto, plan: Mapping[str, LayerQuant], folded: Collection[str] = ()
+) -> dict[str, list[onnx.NodeProto]]:
     """Map each planned layer to its MatMul/Gemm/Conv node(s), in graph order.
 
     A module called several times (the flow head's integration steps) has one node per call,
     all sharing its weight. Matching uses the weight initializer name (``NAME.weight``), then the
-    node's module scopes.
+    node's module scopes. Layers in ``folded`` (input-independent: constant-folded by the
+    exporter, their dequantized weights already inside the folded constants) may be absent.
 
     Raises:
-        ExportError: a planned layer has no node in the graph.
+        ExportError: a planned layer outside ``folded`` has no node in the graph.
     """
     inits = {i.name: i for i in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
@@ -237,7 +244,7 @@ def match_layers(model: onnx.ModelProto, plan: Mapping[str, LayerQuant]) -> dict
         layer = next((c for c in candidates if c in plan), None)
         if layer is not None:
             found[layer].append(node)
-    missing = sorted(set(plan) - set(found))
+    missing = sorted(set(plan) - set(found) - set(folded))
     if missing:
         raise ExportError(
             f"quantized layer(s) {missing} not found in the ONNX graph (no MatMul/Gemm/Conv with that "
@@ -416,12 +423,15 @@ def rewrite_qdq(
     cpu_options: Any = None,
     kernels: dict[str, str] | None = None,
     prefixes: dict[str, str] | None = None,
+    folded: Collection[str] = (),
 ) -> dict[str, int]:
     """Rewrite ``model`` in place per ``plan``; returns inserted node counts.
 
     ``trt``: standard QDQ (TensorRT rules). ``cpu``: ORT-CPU kernels carrying the same integers
     and scales (:mod:`daptq_ros.export.cpu`, options ``cpu_options``); the chosen kernel and the
     short tensor-name prefix per layer are written into ``kernels`` / ``prefixes`` when given.
+    Layers of ``folded`` that the graph does not contain are skipped, and their kernel is
+    recorded as ``"folded"`` (see :func:`match_layers`).
 
     Raises:
         ExportError: a layer is missing from the graph or its weight shape disagrees.
@@ -432,7 +442,16 @@ def rewrite_qdq(
     if len(by_name) != len(plan):
         raise ExportError("quant plan lists a layer twice")
     _ensure_opset(model)
-    matches = match_layers(model, by_name)
+    matches = match_layers(model, by_name, folded)
+    absent = sorted(set(by_name) - set(matches))
+    if absent:
+        logger.info(
+            "layer(s) %s have input-independent inputs and were constant-folded by the exporter from "
+            "their dequantized weights: no run-time node", absent
+        )
+        if kernels is not None:
+            kernels.update(dict.fromkeys(absent, "folded"))
+        by_name = {name: lq for name, lq in by_name.items() if name in matches}
     if flavour == "cpu":
         from daptq_ros.export.cpu import rewrite_cpu
 
@@ -546,6 +565,7 @@ def export_qdq(
     avg_bits: float | None = None,
     extra_config: Mapping[str, Any] | None = None,
     cpu_options: Any = None,
+    folded: Collection[str] = (),
 ) -> Manifest:
     """Write a QDQ artifact from an FP32 artifact directory and a per-layer quant plan.
 
@@ -560,6 +580,8 @@ def export_qdq(
         avg_bits: the quantizer's reported average bits (default: computed over graph weights).
         extra_config: provenance merged into the manifest's ``config`` (e.g. the recipe).
         cpu_options: :class:`daptq_ros.export.cpu.CpuOptions` for the ``cpu`` flavour.
+        folded: input-independent layers that the exporter may have constant-folded
+            (:func:`daptq_ros.export.quantized.input_independent_layers`).
     """
     import shutil
 
@@ -573,7 +595,8 @@ def export_qdq(
 
         cpu_options = CpuOptions()
     counts = rewrite_qdq(
-        model, plan, flavour=flavour, cpu_options=cpu_options, kernels=kernels, prefixes=prefixes
+        model, plan, flavour=flavour, cpu_options=cpu_options, kernels=kernels, prefixes=prefixes,
+        folded=folded,
     )
     set_model_metadata(
         model,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,36 @@ def float_twin(ckpt: QuantizedCheckpoint) -> Any:
         )
     model.load_state_dict(state)
     return model.eval()
+
+
+def input_independent_layers(model: Any, names: Sequence[str], seeds: tuple[int, int] = (0, 1)) -> set[str]:
+    """The layers of ``names`` whose input is the same for two different example inputs.
+
+    Such a layer (the flow head's time MLP: its input is the fixed integration time of each step)
+    is computed once by the exporter's constant folding, from the twin's dequantized weights, and
+    has no MatMul/Gemm in the graph. ``model`` must provide ``example_inputs(batch, seed)``.
+    """
+    import torch
+
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen[n].append(args[0].detach().clone())
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for seed in seeds:
+                model(**model.example_inputs(1, seed=seed))
+    finally:
+        for h in hooks:
+            h.remove()
+    constant = set()
+    for name, inputs in seen.items():
+        per_seed = len(inputs) // len(seeds)
+        if per_seed and all(
+            torch.equal(inputs[i], inputs[i + per_seed]) for i in range(per_seed)
+        ):
+            constant.add(name)
+    return constant
