@@ -46,6 +46,9 @@ from daptq_ros.gpu.linear import (
     TRITON_VARIANTS,
     VARIANTS,
     QuantLinear,
+    W4A16Linear,
+    W8A8Linear,
+    W8A16Linear,
     linear_modules,
     quantize_model,
     reference_model,
@@ -63,6 +66,9 @@ from daptq_ros.gpu.trunk import (
 log = logging.getLogger("daptq_ros.gpu.bench")
 
 DEFAULT_MS = (1, 16, 64, 128)
+# Linears whose forward launches our Triton kernels through Python (autotuner cache, split-K
+# workspaces): kept out of Dynamo under --compile.
+TRITON_LINEARS = (W4A16Linear, W8A16Linear, W8A8Linear)
 _N_ROTATE = 4
 
 
@@ -352,7 +358,14 @@ def _compiled(model: nn.Module) -> nn.Module:
     """``torch.compile`` (Inductor, static shapes) of the forward: LayerNorm / residual / GELU are
     fused into fewer kernels; matmuls stay the variant's own (cuBLAS, tinygemm, or our Triton
     kernels, which Dynamo either traces as user kernels or leaves behind a graph break). Compilation
-    happens in the warm-up, before the CUDA graph is captured."""
+    happens in the warm-up, before the CUDA graph is captured.
+
+    The Triton-launching Linears get ``torch.compiler.disable``-d forwards here, not at class
+    definition: running a kernel through a disabled frame breaks ``TRITON_INTERPRET`` runs of the
+    CPU test-suite in the same process."""
+    for mod in model.modules():
+        if isinstance(mod, TRITON_LINEARS):
+            mod.forward = torch.compiler.disable(mod.forward)
     return torch.compile(model, dynamic=False)
 
 

@@ -46,13 +46,6 @@ TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64")
 _FALLBACK_GROUP = 64
 
 
-def _eager_under_compile(forward):
-    """Keep a Triton-launching forward out of ``torch.compile``: its Python launcher (autotuner
-    cache, split-K workspaces and counters) runs eagerly and Dynamo breaks the graph around it, so
-    Inductor still fuses the surrounding LayerNorm / residual / GELU ops."""
-    return torch.compiler.disable(forward)
-
-
 class QuantLinear(nn.Module):
     """Base of the quantized Linears: shapes, bias and the bytes the weights occupy."""
 
@@ -91,7 +84,6 @@ class W8A16Linear(QuantLinear):
     def qweight(self) -> Int8Weight:
         return Int8Weight(self.q, self.scales)
 
-    @_eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a16_linear(x, self.qweight(), self.bias)
 
@@ -117,7 +109,6 @@ class W4A16Linear(QuantLinear):
     def qweight(self) -> Int4Weight:
         return Int4Weight(self.packed, self.scales, self.group_size)
 
-    @_eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear(x, self.qweight(), self.bias)
 
@@ -175,7 +166,6 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("scales", q.scales)
         self.register_buffer("w_t", kernels.prepare_int_mm_weight(q))
 
-    @_eager_under_compile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = Int8Weight(self.q, self.scales)
         if self.use_triton:
