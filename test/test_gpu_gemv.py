@@ -51,6 +51,10 @@ W4_CASES = [
     (1, 48, 256, 64, _g(1, 32, 64, 4, serial=True)),
     (3, 32, 256, 128, _g(1, 32, 128, 2, serial=False)),
     (3, 32, 128, 64, _g(4, 16, 64, 2)),
+    # K-blocks spanning 2 and 4 groups (one scale per word group), ragged N, split-K, BLOCK_M 1 and 2
+    (1, 48, 512, 64, _g(1, 32, 128, 2, serial=True)),
+    (2, 32, 512, 32, _g(1, 32, 128)),
+    (2, 32, 512, 64, _g(2, 16, 256, 2, serial=False)),
 ]
 
 

@@ -292,6 +292,17 @@ def _byte_f32(u, POS: tl.constexpr):
     return ((v & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _group_scales(s_ptrs, kb, offs_c, stride_sg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 group scales of K-block ``kb`` broadcastable to its [BLOCK_N, WORDS] words: one per row
+    when the block lies inside one group, else a tile (word c in group kb·BLOCK_K/GROUP + c·8/GROUP)."""
+    if BLOCK_K <= GROUP:
+        return tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)[:, None]
+    else:
+        g = kb * (BLOCK_K // GROUP) + offs_c // (GROUP // 8)
+        return tl.load(s_ptrs[:, None] + g[None, :] * stride_sg).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
 def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_blocks_per_split,
@@ -302,6 +313,9 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 
     BLOCK_M = 1: one token row per program (grid axis 1 = M), 2-D [BLOCK_N, BLOCK_K/8] tiles.
     BLOCK_M > 1: BLOCK_M rows share each dequantized tile (3-D broadcast, one reduction per block).
+    BLOCK_K divides GROUP (one scale per row and K-block) or is a multiple of it (a [BLOCK_N, WORDS]
+    scale tile: word c of the block belongs to group c // (GROUP / 8)), so one iteration can move
+    more bytes than one group holds.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -331,8 +345,8 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 xi = tl.load(x_ptrs + i).to(tl.float32)
                 t2 += _nibble_f32(u, i) * xi[None, :]
                 xs += xi
-            s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
-            acc2 += t2 * (128.0 * s)[:, None] - xs[None, :] * (136.0 * s)[:, None]
+            s2 = _group_scales(s_ptrs, kb, offs_c, stride_sg, GROUP, BLOCK_K)
+            acc2 += t2 * (128.0 * s2) - xs[None, :] * (136.0 * s2)
             w_ptrs += WORDS
             x_ptrs += BLOCK_K
         acc = tl.sum(acc2, axis=1)[None, :]
@@ -348,8 +362,8 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 xi = tl.load(x_ptrs + i).to(tl.float32)
                 t3 += _nibble_f32(u, i)[None, :, :] * xi[:, None, :]
                 xs += xi
-            s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
-            acc3 += t3 * (128.0 * s)[None, :, None] - xs[:, None, :] * (136.0 * s)[None, :, None]
+            s2 = _group_scales(s_ptrs, kb, offs_c, stride_sg, GROUP, BLOCK_K)
+            acc3 += t3 * (128.0 * s2)[None, :, :] - xs[:, None, :] * (136.0 * s2)[None, :, :]
             w_ptrs += WORDS
             x_ptrs += BLOCK_K
         acc = tl.sum(acc3, axis=2)

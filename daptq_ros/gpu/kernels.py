@@ -132,6 +132,9 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
     Tiles (BLOCK_N × BLOCK_K) of 64×G, 128×G, 32×G (int4: BLOCK_K = the group, or half of it;
     int8: 128 / 256), each with its split-K heuristic and ×2 / ÷2 of it; BLOCK_M = 1 (one
     program per token) and, for M > 1, BLOCK_M = M's bucket (the rows share the dequantized tile).
+    For M = 1 also deeper K-blocks (int4: 2 and 4 groups per block; int8: 512): at batch 1 a
+    layer's time follows its number of programs × iterations more than its bytes, so moving more
+    bytes per iteration is the int4 kernel's way to use its smaller weights.
     """
     if m > GEMV_MAX_M:
         return []
@@ -146,6 +149,10 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
     tiles = [(64, bks[0]), (128, bks[0]), (32, bks[0])]
     if len(bks) > 1:
         tiles.append((64, bks[1]))
+    if bms == [1]:
+        deep = ([(64, 2 * group), (128, 2 * group), (64, 4 * group)] if kind == "w4a16"
+                else [(64, 512), (128, 512)])
+        tiles += [(bn, bk) for bn, bk in deep if k % bk == 0 and bk not in bks]
     if quick:
         tiles = tiles[:1]
     out: list[KernelConfig] = []
@@ -519,9 +526,10 @@ def _launch_gemv(tk: ModuleType, kind: str, x2: torch.Tensor, weight: Int8Weight
     if kind == "w4a16":
         if not isinstance(weight, Int4Weight):
             raise TypeError(f"w4a16 needs an Int4Weight, got {type(weight).__name__}")
-        if weight.group_size % cfg.block_k or cfg.block_k % 8:
-            raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={weight.group_size} and be a "
-                             "multiple of 8")
+        g = weight.group_size
+        if (g % cfg.block_k and cfg.block_k % g) or cfg.block_k % 8:
+            raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={g} or be a multiple of it, "
+                             "and be a multiple of 8")
         words = weight.packed.view(torch.int32)
         tk.w4a16_gemv_kernel[grid](x2, words, weight.scales, bias_arg, out, ws, counters,
                                    m, n, k, x2.stride(0), words.stride(0), weight.scales.stride(0),
