@@ -13,6 +13,7 @@ from daptq_ros.quant import forward_cache
 from daptq_ros.quant.experiment_report import (
     average_ranks,
     correlations,
+    format_correlations,
     format_table,
     format_task_table,
     mcnemar_exact,
@@ -159,6 +160,8 @@ def test_targets_and_correlations():
         spearman([0.02, 0.004, 0.01, 0.05], [0.8, 0.9, 0.9, 0.7])
     )
     assert corr["drift_loss_vs_success"] < -0.9
+    assert "not reported: 4 quantized variant(s)" in format_correlations(corr)  # too few to rank
+    assert format_correlations({**corr, "n": 5}).startswith("Spearman ρ over 5 quantized variants")
 
 
 def test_success_plot(tmp_path):

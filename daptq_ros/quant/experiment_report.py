@@ -166,12 +166,21 @@ def correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Fewer evaluated variants than this and the rank correlation sentence says why it is omitted.
+MIN_RANK_VARIANTS = 5
+
+
 def format_correlations(corr: Mapping[str, Any]) -> str:
     """One sentence with the Spearman correlations of :func:`correlations`."""
 
     def f(x: float | None) -> str:
         return "–" if x is None else f"{x:+.2f}"
 
+    if corr["n"] < MIN_RANK_VARIANTS:
+        return (
+            f"Spearman ρ not reported: {corr['n']} quantized variant(s) evaluated, fewer than "
+            f"{MIN_RANK_VARIANTS} (any ranking of so few is ±1 or close to it by chance)."
+        )
     return (
         f"Spearman ρ over {corr['n']} quantized variants: calibration drift loss vs success "
         f"{f(corr['drift_loss_vs_success'])}, vs EE drift {f(corr['drift_loss_vs_ee_mean'])}, "
