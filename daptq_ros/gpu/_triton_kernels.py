@@ -293,6 +293,24 @@ def _byte_f32(u, POS: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(w_ptr, N, K, stride_wn, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, WORDS: tl.constexpr, EVEN_N: tl.constexpr):
+    """This program's token rows, output rows (``ld_n``: wrapped in range for the loads), word
+    offsets within a K-block, K-block range [kb0, kb1) of its split, and its first weight words."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    kb0 = tl.program_id(2) * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_c = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
+    return offs_m, offs_n, ld_n, offs_c, kb0, kb1, w_ptrs
+
+
+@triton.jit
 def _group_scales(s_ptrs, kb, offs_c, stride_sg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 group scales of K-block ``kb`` broadcastable to its [BLOCK_N, WORDS] words: one per row
     when the block lies inside one group, else a tile (word c in group kb·BLOCK_K/GROUP + c·8/GROUP)."""
@@ -317,20 +335,10 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     scale tile: word c of the block belongs to group c // (GROUP / 8)), so one iteration can move
     more bytes than one group holds.
     """
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK_K // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    kb0 = pid_k * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
-    offs_c = tl.arange(0, WORDS)
-    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
+    offs_m, offs_n, ld_n, offs_c, kb0, kb1, w_ptrs = _gemv_tile(
+        w_ptr, N, K, stride_wn, k_blocks_per_split, BLOCK_M, BLOCK_N, BLOCK_K, WORDS, EVEN_N)
     s_ptrs = s_ptr + ld_n
     if BLOCK_M == 1:
         # Elementwise accumulation, one cross-lane reduction at the end: the group scale is applied
@@ -380,20 +388,10 @@ def w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 
     Per-channel scales allow elementwise accumulation over all K-blocks and one reduction at the end.
     """
-    pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     WORDS: tl.constexpr = BLOCK_K // 4
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    kb0 = pid_k * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
-    offs_c = tl.arange(0, WORDS)
-    w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
+    offs_m, offs_n, ld_n, offs_c, kb0, kb1, w_ptrs = _gemv_tile(
+        w_ptr, N, K, stride_wn, k_blocks_per_split, BLOCK_M, BLOCK_N, BLOCK_K, WORDS, EVEN_N)
     s = tl.load(s_ptr + ld_n).to(tl.float32)
     if BLOCK_M == 1:
         t2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
