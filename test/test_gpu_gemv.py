@@ -4,22 +4,16 @@ Run under the Triton interpreter without a GPU (``TRITON_INTERPRET=1`` set befor
 device with ``TRITON_INTERPRET=0``. Shapes are small: the interpreter is slow.
 """
 
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+# test_gpu_kernels sets TRITON_INTERPRET (unless on a GPU with TRITON_INTERPRET=0) before triton is
+# imported, and skips when triton is not installed.
+from test_gpu_kernels import ON_GPU, compile_report
 
-triton = pytest.importorskip("triton", reason="triton not installed (pip install triton; dev extra)")
-
-from test_gpu_kernels import compile_report  # noqa: E402
-
-from daptq_ros.gpu import kernels  # noqa: E402
-from daptq_ros.gpu.kernels import KernelConfig, gemv_configs, launch_weight_only, tune_bucket  # noqa: E402
-from daptq_ros.gpu.packing import (  # noqa: E402
+from daptq_ros.gpu import kernels
+from daptq_ros.gpu.kernels import KernelConfig, gemv_configs, launch_weight_only, tune_bucket
+from daptq_ros.gpu.packing import (
     Int4Weight,
     Int8Weight,
     quantize_int4_groupwise,
