@@ -40,7 +40,7 @@ from daptq_ros.gpu.trunk import TrunkConfig, build_trunk, vla_trunk_config, wide
 log = logging.getLogger("daptq_ros.gpu.layer_bench")
 
 # --trunk choices: whose Linear shapes are timed and which trunk is profiled.
-TRUNKS = {"trunk-302m": lambda: vla_trunk_config(6), "trunk-315m-d4096": lambda: wide_trunk_config(2)}
+TRUNKS = {cfg.name: cfg for cfg in (vla_trunk_config(6), wide_trunk_config(2))}
 
 _MATMUL_HINTS = ("gemm", "gemv", "w4a16", "w8a16", "int4pack", "splitk", "sm90_xmma", "cutlass", "nvjet",
                  "tinygemm", "_mm", "matmul")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trunk", choices=sorted(TRUNKS), default="trunk-302m",
                    help="whose Linear shapes to time and which trunk to profile")
     args = p.parse_args(argv)
-    cfg = TRUNKS[args.trunk]()
+    cfg = TRUNKS[args.trunk]
     if not torch.cuda.is_available():
         raise SystemExit("layer_bench needs a CUDA device")
     ceil = timing.measure_ceilings(torch.device("cuda"), copy_mib=1024, gemm_n=4096)
