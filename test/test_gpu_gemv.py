@@ -9,7 +9,7 @@ import torch
 
 # test_gpu_kernels sets TRITON_INTERPRET (unless on a GPU with TRITON_INTERPRET=0) before triton is
 # imported, and skips when triton is not installed.
-from test_gpu_kernels import ON_GPU, compile_report
+from test_gpu_kernels import DEV, ON_GPU, TOL, _problem, compile_report
 
 from daptq_ros.gpu import kernels
 from daptq_ros.gpu.kernels import KernelConfig, gemv_configs, launch_weight_only, tune_bucket
@@ -22,20 +22,9 @@ from daptq_ros.gpu.packing import (
     relative_error,
 )
 
-DEV = torch.device("cuda" if ON_GPU else "cpu")
-TOL = 1e-2
-
 
 def _g(bm, bn, bk, split=1, serial=True):
     return KernelConfig(bm, bn, bk, split, False, 1, 4, 3, serial=serial, gemv=True)
-
-
-def _problem(m, n, k, seed, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=g) * 0.02
-    b = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16) if bias else None
-    return x.to(DEV), w.to(DEV), (b.to(DEV) if b is not None else None)
 
 
 # (M, N, K, group, config): one row, several rows as programs (BLOCK_M 1), rows sharing a tile
