@@ -422,3 +422,125 @@ def w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         acc = (256.0 * tl.sum(t3, axis=2) - 384.0 * tl.sum(xs, axis=1)[:, None]) * s[None, :]
     _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_os,
               False, HAS_BIAS, SPLIT_MODE)
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A16 GEMV on packed fp16x2 math (M ≤ 8), weights K-major.
+#
+# Weights are int32 words (K/8, N): word (c, n) holds k = 8c..8c+7 of output row n as offset-binary
+# nibbles (t = q + 8) in the interleaved order of FasterTransformer / Marlin — k = 8c + 2j at bits
+# 4j..4j+3 and k = 8c + 2j + 1 at bits 16+4j..19+4j — so that one LOP3 with 0x000F000F (after a
+# shift of 0 or 8; 0x00F000F0 for odd j) lands two weights of adjacent k in the mantissas of an
+# fp16x2 pair 1024 + t (or 1024 + 16t), and one fp16x2 FMA turns each pair into exact (q / 16).
+# The activation pairs (x[2i], x[2i+1]) are one int32 word of the bf16 row, converted once per
+# program and K-block to fp16x2 and shared by all of the thread's output rows; HFMA2 then does
+# two multiply-adds per instruction. Per 8 weights: 1 shift, 4 LOP3, 4 HFMA2 (dequant), 4 HFMA2
+# (dot), and the fp16 → fp32 unpack of the pair sum (≈ 2 instructions per weight instead of
+# ≈ 4.5 in the fp32 GEMV above). K-major words make a warp's 16-byte loads contiguous along N and
+# keep every K-word of a column in one thread, so the K reduction is register-only.
+#
+# Range: a lane sums 4 products (q/16)·x with |q/16| ≤ 1/2 in fp16 (11-bit mantissa, ≥ the bf16
+# input's 8), so |x| < 32768 cannot overflow; the pair sum goes to fp32 before the group scale.
+# ``USE_ASM`` False computes the same sum in fp32 with plain Triton ops (the CPU interpreter cannot
+# run inline PTX); tests check both paths against float32.
+# ---------------------------------------------------------------------------------------------
+
+_Q4X8_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 a, b, c, d, v, k16, kb16, k256, kb256, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 v, $1, 8;
+lop3.b32 c, v, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 d, v, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 k16, 0x2C002C00;
+mov.b32 kb16, 0xD408D408;
+mov.b32 k256, 0x1C001C00;
+mov.b32 kb256, 0xC480C480;
+fma.rn.f16x2 a, a, k16, kb16;
+fma.rn.f16x2 b, b, k256, kb256;
+fma.rn.f16x2 c, c, k16, kb16;
+fma.rn.f16x2 d, d, k256, kb256;
+mul.rn.f16x2 acc, a, $2;
+fma.rn.f16x2 acc, b, $3, acc;
+fma.rn.f16x2 acc, c, $4, acc;
+fma.rn.f16x2 acc, d, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
+# The constants: 1/16 = 0x2C00, −(1032/16) = −64.5 = 0xD408, 1/256 = 0x1C00, −4.5 = 0xC480, so
+# (1024 + t)/16 − 64.5 = (1024 + 16t)/256 − 4.5 = (t − 8)/16 = q/16, exactly.
+
+
+@triton.jit
+def _bf16x2_to_f16x2(xw, USE_ASM: tl.constexpr):
+    """int32 words of two bf16 (low half = even k) → (packed fp16x2 words, or the fp32 pair)."""
+    lo = (xw << 16).to(tl.float32, bitcast=True)
+    hi = (xw & -65536).to(tl.float32, bitcast=True)
+    if USE_ASM:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo],
+                                         dtype=tl.int32, is_pure=True, pack=1), hi
+    else:
+        return lo, hi
+
+
+@triton.jit
+def _q4x8_dot(u, x0, x1, x2, x3, y0, y1, y2, y3, USE_ASM: tl.constexpr):
+    """Σ_k q_k·x_k / 16 over the 8 weights of each K-major word ``u`` (interleaved offset-binary
+    nibbles). With ``USE_ASM`` the x_j are fp16x2 pair words (y_j unused); without, x_j / y_j are
+    the fp32 even / odd values of pair j and the sum is taken in fp32."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_Q4X8_DOT_ASM, "=f,r,r,r,r,r", [u, x0, x1, x2, x3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        t = ((u & 0xF) - 8).to(tl.float32) * x0 + (((u >> 16) & 0xF) - 8).to(tl.float32) * y0
+        t += (((u >> 4) & 0xF) - 8).to(tl.float32) * x1 + (((u >> 20) & 0xF) - 8).to(tl.float32) * y1
+        t += (((u >> 8) & 0xF) - 8).to(tl.float32) * x2 + (((u >> 24) & 0xF) - 8).to(tl.float32) * y2
+        t += (((u >> 12) & 0xF) - 8).to(tl.float32) * x3 + (((u >> 28) & 0xF) - 8).to(tl.float32) * y3
+        return t * 0.0625
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
+def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                            M, N, K, stride_xm, stride_wc, stride_sg, stride_om, stride_os,
+                            k_blocks_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
+                            EVEN_N: tl.constexpr,
+                            USE_ASM: tl.constexpr):
+    """W4A16 GEMV, one token row per program: x (M, K) bf16 read as int32 pairs (``stride_xm`` in
+    pairs) · K-major int4 words (K/8, N) with bf16 group scales (K/GROUP, N); BLOCK_K divides GROUP.
+    Grid (N tiles, M, K splits); split-K partials reduced as in the other kernels."""
+    pid_m = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    kb0 = tl.program_id(2) * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_c = tl.arange(0, WORDS)
+    w_ptrs = w_ptr + (kb0 * WORDS + offs_c)[:, None] * stride_wc + ld_n[None, :]
+    x_ptrs = x_ptr + pid_m * stride_xm + (kb0 * WORDS + offs_c) * 4
+    s_ptrs = s_ptr + ld_n
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        u = tl.load(w_ptrs)
+        x0, y0 = _bf16x2_to_f16x2(tl.load(x_ptrs), USE_ASM)
+        x1, y1 = _bf16x2_to_f16x2(tl.load(x_ptrs + 1), USE_ASM)
+        x2, y2 = _bf16x2_to_f16x2(tl.load(x_ptrs + 2), USE_ASM)
+        x3, y3 = _bf16x2_to_f16x2(tl.load(x_ptrs + 3), USE_ASM)
+        part = _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
+                         y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
+        s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
+        acc += tl.sum(part, axis=0) * s
+        w_ptrs += WORDS * stride_wc
+        x_ptrs += WORDS * 4
+    offs_m = pid_m + tl.arange(0, 1)
+    _epilogue(16.0 * acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
+              stride_os, False, HAS_BIAS, SPLIT_MODE)

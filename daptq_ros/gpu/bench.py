@@ -46,6 +46,7 @@ from daptq_ros.gpu.linear import (
     TRITON_VARIANTS,
     VARIANTS,
     QuantLinear,
+    W4A16F16x2Linear,
     W4A16Linear,
     W8A8Linear,
     W8A16Linear,
@@ -68,7 +69,7 @@ log = logging.getLogger("daptq_ros.gpu.bench")
 DEFAULT_MS = (1, 16, 64, 128)
 # Linears whose forward launches our Triton kernels through Python (autotuner cache, split-K
 # workspaces): kept out of Dynamo under --compile.
-TRITON_LINEARS = (W4A16Linear, W8A16Linear, W8A8Linear)
+TRITON_LINEARS = (W4A16Linear, W4A16F16x2Linear, W8A16Linear, W8A8Linear)
 _N_ROTATE = 4
 
 

@@ -4,6 +4,8 @@ Public functions (``x`` is (..., K) bfloat16; the result has x's leading shape a
 
 - :func:`w8a16_linear` — int8 per-channel weight-only (Triton).
 - :func:`w4a16_linear` — int4 group-wise weight-only (Triton).
+- :func:`w4a16_f16x2_linear` — int4 group-wise weight-only, K-major words, packed fp16x2 GEMV
+  (Triton with inline PTX; M ≤ :data:`GEMV_MAX_M`).
 - :func:`w8a8_linear` — int8 weights *and* dynamic per-token int8 activations through
   ``torch._int_mm`` (cuBLASLt), with Triton kernels for the activation quantization and the
   scale epilogue (pure-torch fallback when Triton is unavailable).
@@ -29,7 +31,14 @@ from types import ModuleType
 
 import torch
 
-from daptq_ros.gpu.packing import Int4Weight, Int8Weight, quantize_rows_int8, reference_linear, relative_error
+from daptq_ros.gpu.packing import (
+    Int4KMajorWeight,
+    Int4Weight,
+    Int8Weight,
+    quantize_rows_int8,
+    reference_linear,
+    relative_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,11 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _inline_asm_ok() -> bool:
+    """Inline PTX runs on a CUDA device, not under ``TRITON_INTERPRET=1``."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _tk() -> ModuleType:
     """The Triton kernel module (imports triton on first use)."""
     return importlib.import_module("daptq_ros.gpu._triton_kernels")
@@ -70,7 +84,8 @@ class KernelConfig:
         serial: with split-K, the last split of each tile reduces inside the same launch
             (otherwise a second, reduction launch does).
         gemv: the CUDA-core GEMV kernels (``w*a16_gemv_kernel``, no ``tl.dot``; for M ≤ 8);
-            ``swap_ab`` and ``mode`` are then unused.
+            ``swap_ab`` is then unused, and so is ``mode`` except for the fp16x2 GEMV (1 = inline
+            PTX fp16x2 math, 0 = the same sum in fp32 Triton ops, which the interpreter can run).
     """
 
     block_m: int = 16
@@ -89,7 +104,7 @@ class KernelConfig:
         red = ("r" if self.serial else "R") if self.split_k > 1 else ""
         if self.gemv:
             return (f"g{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}{red}"
-                    f"w{self.num_warps}p{self.num_stages}")
+                    f"w{self.num_warps}p{self.num_stages}{'' if self.mode == 1 else f'd{self.mode}'}")
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}{red}"
                 f"{'T' if self.swap_ab else 'N'}d{self.mode}w{self.num_warps}p{self.num_stages}")
 
@@ -172,6 +187,35 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
     return out
 
 
+# fp16x2 GEMV tiles (BLOCK_N, warps, BLOCK_K as a fraction of the group): BLOCK_N ≥ 128 · warps,
+# so a column's K-words stay in one thread (register-only K reduction); wider tiles give each
+# thread more columns to share its converted activations with.
+_F16X2_TILES = ((256, 2, 1), (512, 4, 1), (256, 1, 1), (512, 2, 1), (128, 1, 1), (256, 2, 2))
+
+
+def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, quick: bool = False,
+                       asm: bool = True) -> list[KernelConfig]:
+    """Candidates of the fp16x2 GEMV (``w4a16_f16x2``; empty for M > :data:`GEMV_MAX_M`).
+
+    ``asm`` False gives the fp32-Triton-ops form of the same kernel (``mode`` 0): the interpreter's
+    and the fallback when the inline PTX does not compile.
+    """
+    if m > GEMV_MAX_M:
+        return []
+    out: list[KernelConfig] = []
+    for bn, warps, div in (_F16X2_TILES[:1] if quick else _F16X2_TILES):
+        bk = group // div
+        if bk < 8 or bk % 8 or group % bk or k % bk:
+            continue
+        kb = k // bk
+        split = gemv_split_k(n, bn, kb, m, sm_count)
+        for sk in dict.fromkeys([split] if quick else [split, split * 2]):
+            if sk <= kb:
+                out.append(KernelConfig(1, bn, bk, sk, False, 1 if asm else 0, warps, 3, serial=True,
+                                        gemv=True))
+    return out
+
+
 def default_split_k(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sm_count: int) -> int:
     """Power-of-two split-K that brings the grid to about two programs per SM.
 
@@ -195,8 +239,10 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
         sm_count: multiprocessors (sets the split-K heuristic).
         quick: a smaller set (fewer compiles).
     """
+    if kind == "w4a16_f16x2":
+        return f16x2_gemv_configs(m, n, k, group, sm_count, quick, asm=_inline_asm_ok())
     if kind not in ("w8a16", "w4a16"):
-        raise ValueError(f"kind must be 'w8a16' or 'w4a16', got {kind!r}")
+        raise ValueError(f"kind must be 'w8a16', 'w4a16' or 'w4a16_f16x2', got {kind!r}")
     if kind == "w4a16":
         block_ks = [bk for bk in (group, group // 2) if bk >= 32 and group % bk == 0]
     else:
@@ -254,7 +300,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
 def fallback_configs(kind: str, m: int, n: int, k: int, group: int = 0,
                      sm_count: int = 132) -> list[KernelConfig]:
     """Configs tried only when every candidate failed: bf16 operands (mode 2, safe for activations
-    beyond the fp16 range) and the plain two-launch split-K."""
+    beyond the fp16 range) and the plain two-launch split-K; for the fp16x2 GEMV its fp32 form."""
+    if kind == "w4a16_f16x2":
+        return f16x2_gemv_configs(m, n, k, group, sm_count, quick=True, asm=False)
     first = next(c for c in candidate_configs(kind, m, n, k, group, sm_count, quick=True) if not c.gemv)
     return [replace(first, mode=2), replace(first, mode=2, split_k=1), replace(first, serial=False)]
 
@@ -462,7 +510,7 @@ def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Weight,
+def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Weight | Int4KMajorWeight,
                        bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
     """Run one weight-only matmul with an explicit config on 2-D ``x2`` (M, K); returns (M, N)."""
     tk = _tk()
@@ -480,6 +528,11 @@ def launch_weight_only(kind: str, x2: torch.Tensor, weight: Int8Weight | Int4Wei
     ws = torch.empty((split, m, n), device=x2.device, dtype=torch.float32) if split > 1 else out
     counters = tile_counters(x2.device, grid[0] * grid[1]) if split_mode == 2 else out
     bias_arg = bias if bias is not None else out
+    if kind == "w4a16_f16x2":
+        _launch_f16x2_gemv(tk, x2, weight, bias, cfg, out, ws, counters, grid, split_mode, per_split)
+        if split_mode == 1:
+            _reduce(tk, ws, bias, out, m, n, split)
+        return out
     if cfg.gemv:
         _launch_gemv(tk, kind, x2, weight, bias, cfg, out, ws, counters, grid, split_mode, per_split)
         if split_mode == 1:
@@ -544,6 +597,30 @@ def _launch_gemv(tk: ModuleType, kind: str, x2: torch.Tensor, weight: Int8Weight
                                    m, n, k, x2.stride(0), words.stride(0), n, m * n, per_split, **common)
 
 
+def _launch_f16x2_gemv(tk: ModuleType, x2: torch.Tensor, weight: Int4KMajorWeight, bias: torch.Tensor | None,
+                       cfg: KernelConfig, out: torch.Tensor, ws: torch.Tensor, counters: torch.Tensor,
+                       grid: tuple[int, int, int], split_mode: int, per_split: int) -> None:
+    """The fp16x2 GEMV reads x as int32 pairs of bf16 and the K-major words of ``weight``."""
+    if not isinstance(weight, Int4KMajorWeight):
+        raise TypeError(f"w4a16_f16x2 needs an Int4KMajorWeight, got {type(weight).__name__}")
+    m, k = x2.shape
+    n = weight.shape[0]
+    g = weight.group_size
+    if not cfg.gemv or cfg.block_m != 1:
+        raise ValueError(f"w4a16_f16x2 runs GEMV configs with BLOCK_M = 1, got {cfg.short()}")
+    if g % cfg.block_k or cfg.block_k % 8:
+        raise ValueError(f"BLOCK_K={cfg.block_k} must divide group_size={g} and be a multiple of 8")
+    if x2.dtype != torch.bfloat16:
+        raise TypeError(f"w4a16_f16x2 takes bfloat16 activations, got {x2.dtype}")
+    xw = x2.view(torch.int32)  # (M, K/2) pairs; x2 rows are contiguous (``_check_x``)
+    tk.w4a16_f16x2_gemv_kernel[grid](
+        xw, weight.words, weight.scales, bias if bias is not None else out, out, ws, counters,
+        m, n, k, xw.stride(0), weight.words.stride(0), weight.scales.stride(0), n, m * n, per_split,
+        GROUP=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
+        SPLIT_MODE=split_mode, EVEN_N=n % cfg.block_n == 0, USE_ASM=cfg.mode == 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 # Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
 # (the last split of a tile resets its counter), so one zeroed buffer serves all layers. Buffers
 # are never freed: captured CUDA graphs keep their addresses.
@@ -561,14 +638,14 @@ def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     return bufs[-1]
 
 
-def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None,
-                 config: KernelConfig | None) -> torch.Tensor:
+def _weight_only(kind: str, x: torch.Tensor, weight: Int8Weight | Int4Weight | Int4KMajorWeight,
+                 bias: torch.Tensor | None, config: KernelConfig | None) -> torch.Tensor:
     n, k = weight.shape
     x2 = _check_x(x, k)
     m = x2.shape[0]
     if config is None:
         tuner = get_tuner()
-        group = weight.group_size if isinstance(weight, Int4Weight) else 0
+        group = weight.group_size if isinstance(weight, (Int4Weight, Int4KMajorWeight)) else 0
         key = f"{kind}|M{tune_bucket(m)}|N{n}|K{k}|G{group}"
         record = tuner.records.get(key)
         if record is not None:
@@ -610,6 +687,22 @@ def w4a16_linear(x: torch.Tensor, packed: Int4Weight, bias: torch.Tensor | None 
         config: explicit launch config; ``None`` asks the tuner.
     """
     return _weight_only("w4a16", x, packed, bias, config)
+
+
+def w4a16_f16x2_linear(x: torch.Tensor, weight: Int4KMajorWeight, bias: torch.Tensor | None = None,
+                       config: KernelConfig | None = None) -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` for up to :data:`GEMV_MAX_M` tokens through the fp16x2 GEMV.
+
+    Args:
+        x: activations (..., K), bf16, at most :data:`GEMV_MAX_M` rows.
+        weight: :class:`Int4KMajorWeight` on x's device.
+        bias: optional (N,).
+        config: explicit launch config; ``None`` asks the tuner.
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > GEMV_MAX_M:
+        raise ValueError(f"w4a16_f16x2_linear takes at most {GEMV_MAX_M} rows, got {rows}")
+    return _weight_only("w4a16_f16x2", x, weight, bias, config)
 
 
 def prepare_int_mm_weight(weight: Int8Weight) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from daptq_ros.gpu import kernels, timing
 from daptq_ros.gpu.linear import TorchInt4Linear, quantize_model
 from daptq_ros.gpu.packing import (
+    Int4KMajorWeight,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     reference_linear,
@@ -46,8 +47,13 @@ _MATMUL_HINTS = ("gemm", "gemv", "w4a16", "w8a16", "int4pack", "splitk", "sm90_x
                  "tinygemm", "_mm", "matmul")
 
 
+# --impls choices: the implementations layer_rows can time.
+IMPLS = ("bf16", "torch_int4_g128", "w4a16_g128", "w8a16", "w4a16_f16x2_g128")
+
+
 @torch.no_grad()
-def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = None) -> list[dict[str, Any]]:
+def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = None,
+               impls: tuple[str, ...] = IMPLS) -> list[dict[str, Any]]:
     """Times of every implementation / candidate per (shape of ``trunk``'s Linears, M)."""
     dev = torch.device("cuda")
     rows: list[dict[str, Any]] = []
@@ -57,6 +63,7 @@ def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = N
         wb = w.to(torch.bfloat16)
         q4 = quantize_int4_groupwise(w, 128)
         q8 = quantize_int8_per_channel(w)
+        qk = Int4KMajorWeight.from_int4(q4)
         lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
         lin.weight.copy_(wb)
         tg = TorchInt4Linear(lin, 128).to(dev)
@@ -65,6 +72,8 @@ def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = N
             base = {"N": n, "K": k, "M": m}
 
             def add(impl: str, cfg: str, fn, nbytes: int, ref: torch.Tensor, base=base) -> None:
+                if impl not in impls:
+                    return
                 row = {**base, "impl": impl, "config": cfg, "bytes": nbytes}
                 try:
                     row["rel_err"] = relative_error(fn(), ref)
@@ -84,6 +93,10 @@ def layer_rows(ms: tuple[int, ...], bw_gbs: float, trunk: TrunkConfig | None = N
                 add("w4a16_g128", cfg.short(),
                     lambda x=x, c=cfg, q=q4: kernels.launch_weight_only("w4a16", x, q, None, c),
                     q4.nbytes, ref4)
+            for cfg in kernels.candidate_configs("w4a16_f16x2", m, n, k, 128):
+                add("w4a16_f16x2_g128", cfg.short(),
+                    lambda x=x, c=cfg, q=qk: kernels.launch_weight_only("w4a16_f16x2", x, q, None, c),
+                    qk.nbytes, ref4)
             ref8 = reference_linear(x, q8.dequantize(torch.float32), None, torch.float32)
             for cfg in kernels.candidate_configs("w8a16", m, n, k):
                 add("w8a16", cfg.short(),
@@ -176,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ms", type=int, nargs="+", default=[1, 16])
     p.add_argument("--trunk", choices=sorted(TRUNKS), default="trunk-302m",
                    help="whose Linear shapes to time and which trunk to profile")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                   help="implementations to time per layer (default: all)")
+    p.add_argument("--no-profile", action="store_true", help="skip the eager trunk profiles")
     args = p.parse_args(argv)
     cfg = TRUNKS[args.trunk]
     if not torch.cuda.is_available():
         raise SystemExit("layer_bench needs a CUDA device")
     ceil = timing.measure_ceilings(torch.device("cuda"), copy_mib=1024, gemm_n=4096)
     profiles = []
-    for variant in ("bf16", "w4a16_g128"):
+    for variant in () if args.no_profile else ("bf16", "w4a16_g128"):
         try:
             profiles.append(profile_trunk(variant, cfg=cfg))
         except Exception as exc:
@@ -192,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## Per-layer candidates ({cfg.name} shapes; CUDA graph, L2 flushed, median of 25)\n")
     print("| N | K | M | impl | config | µs | GB/s | × floor | rel err |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    rows = layer_rows(tuple(args.ms), ceil["bw_gbs"], cfg)
+    rows = layer_rows(tuple(args.ms), ceil["bw_gbs"], cfg, tuple(args.impls))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"ceilings": ceil, "machine": timing.machine_info(torch.device("cuda")),
                                      "rows": rows, "profiles": profiles}, indent=1, default=str))

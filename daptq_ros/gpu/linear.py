@@ -9,6 +9,9 @@ Variants (names used in the benchmark tables and JSON):
 ``w4a16_g64``      int4 group-64 weights, Triton kernel.
 ``torch_int4_g128`` int4 group-128 through torch's tinygemm ``_weight_int4pack_mm`` (CUDA only).
 ``w8a8_intmm``     int8 weights and dynamic per-token int8 activations via ``torch._int_mm``.
+``w4a16_f16x2_g128`` int4 group-128, K-major words, packed fp16x2 GEMV with inline PTX
+                   (:func:`kernels.w4a16_f16x2_linear`) for ≤ 8 tokens; more tokens dequantize
+                   to bf16 and run cuBLAS (a decode-step kernel, not a prefill one).
 =================  ==========================================================================
 
 :func:`quantize_model` deep-copies a bf16 model and replaces every eligible ``nn.Linear``;
@@ -25,10 +28,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from daptq_ros.gpu import kernels
 from daptq_ros.gpu.packing import (
+    Int4KMajorWeight,
     Int4Weight,
     Int8Weight,
     quantize_int4_groupwise,
@@ -40,8 +45,8 @@ from daptq_ros.gpu.packing import (
 log = logging.getLogger(__name__)
 
 # Run order: the tuner's time budget goes to the first Triton variants first.
-VARIANTS = ("bf16", "w4a16_g128", "w8a16", "w4a16_g64", "torch_int4_g128", "w8a8_intmm")
-TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64")
+VARIANTS = ("bf16", "w4a16_g128", "w8a16", "w4a16_g64", "torch_int4_g128", "w8a8_intmm", "w4a16_f16x2_g128")
+TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64", "w4a16_f16x2_g128")
 # Fallback group when K is not a multiple of the requested one (the policy's d_model = 192).
 _FALLBACK_GROUP = 64
 
@@ -111,6 +116,34 @@ class W4A16Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear(x, self.qweight(), self.bias)
+
+    def weight_nbytes(self) -> int:
+        return self.qweight().nbytes
+
+    def reference_weight(self) -> torch.Tensor:
+        return self.qweight().dequantize(torch.float32)
+
+
+class W4A16F16x2Linear(QuantLinear):
+    """int4 group-wise weight-only Linear in K-major words: the fp16x2 GEMV (Triton + inline PTX)
+    for up to ``kernels.GEMV_MAX_M`` tokens; more tokens dequantize to bf16 and run cuBLAS."""
+
+    variant = "w4a16_f16x2"
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__(linear)
+        q = Int4KMajorWeight.from_int4(quantize_int4_groupwise(linear.weight, group_size))
+        self.group_size = group_size
+        self.register_buffer("words", q.words)
+        self.register_buffer("scales", q.scales)
+
+    def qweight(self) -> Int4KMajorWeight:
+        return Int4KMajorWeight(self.words, self.scales, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features <= kernels.GEMV_MAX_M:
+            return kernels.w4a16_f16x2_linear(x, self.qweight(), self.bias)
+        return F.linear(x, self.qweight().dequantize(x.dtype), self.bias)
 
     def weight_nbytes(self) -> int:
         return self.qweight().nbytes
@@ -225,6 +258,8 @@ def make_quant_linear(linear: nn.Linear, variant: str, group: int) -> QuantLinea
     """Build the quantized replacement of one Linear (weights quantized on the Linear's device)."""
     if variant == "w8a16":
         return W8A16Linear(linear)
+    if variant.startswith("w4a16_f16x2"):
+        return W4A16F16x2Linear(linear, group)
     if variant.startswith("w4a16"):
         return W4A16Linear(linear, group)
     if variant.startswith("torch_int4"):

@@ -14,6 +14,10 @@ N = out features, K = in features):
   int4's step, and the integers are computed against the *rounded* scale, so every reference here
   computes exactly the function the kernel computes.
 
+- **W4A16, K-major** (:class:`Int4KMajorWeight`, the fp16x2 GEMV's): the same integers and scales,
+  ``words`` int32 (K/8, N), offset-binary nibbles interleaved so that even and odd k share a
+  16-bit lane pair (:data:`KMAJOR_NIBBLE_POS`).
+
 The checkpoint layout of ``daptq_ros.quant.checkpoint`` (``weight_int`` int8 (N, K),
 ``weight_scale`` float32 (N, n_groups)) converts with :meth:`Int4Weight.from_int` /
 :meth:`Int8Weight.from_int`.
@@ -133,6 +137,82 @@ class Int4Weight:
     def to(self, device: torch.device | str) -> Int4Weight:
         """Copy to ``device``."""
         return Int4Weight(self.packed.to(device), self.scales.to(device), self.group_size)
+
+
+# Nibble position (bits 4·pos..4·pos+3) of k = 8c + j in a K-major word: even k in the low half,
+# odd k in the high half (the fp16x2-friendly interleave, see ``_triton_kernels``).
+KMAJOR_NIBBLE_POS = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+@dataclass
+class Int4KMajorWeight:
+    """Symmetric group-wise int4 weight in the K-major word layout of the fp16x2 GEMV.
+
+    Attributes:
+        words: int32 (K/8, N); word (c, n) holds q[n, 8c + j] + 8 (offset binary) at nibble
+            :data:`KMAJOR_NIBBLE_POS` [j].
+        scales: bfloat16 (K/group_size, N), as in :class:`Int4Weight`.
+        group_size: K-elements per scale.
+    """
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the float weight."""
+        return int(self.words.shape[1]), int(self.words.shape[0]) * 8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel streams: packed integers plus scales."""
+        return self.words.numel() * 4 + self.scales.numel() * self.scales.element_size()
+
+    @classmethod
+    def from_int4(cls, weight: Int4Weight) -> Int4KMajorWeight:
+        """Repack an :class:`Int4Weight` (same integers and scales)."""
+        return cls(pack_int4_kmajor(weight.unpacked()), weight.scales, weight.group_size)
+
+    def unpacked(self) -> torch.Tensor:
+        """int8 integers (N, K)."""
+        return unpack_int4_kmajor(self.words)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight (N, K) = q * scale of its group."""
+        n, k = self.shape
+        q = self.unpacked().to(torch.float32).reshape(n, k // self.group_size, self.group_size)
+        return (q * self.scales.to(torch.float32).t()[:, :, None]).reshape(n, k).to(dtype)
+
+    def to(self, device: torch.device | str) -> Int4KMajorWeight:
+        """Copy to ``device``."""
+        return Int4KMajorWeight(self.words.to(device), self.scales.to(device), self.group_size)
+
+
+def pack_int4_kmajor(q: torch.Tensor) -> torch.Tensor:
+    """int4 integers (N, K), K % 8 == 0, in [-8, 7] → K-major int32 words (K/8, N) (see
+    :class:`Int4KMajorWeight`)."""
+    _check_2d("q", q)
+    n, k = q.shape
+    if k % 8:
+        raise ValueError(f"K must be a multiple of 8 for K-major int4 words, got {k}")
+    if q.dtype.is_floating_point:
+        raise ValueError(f"pack_int4_kmajor takes integers, got {q.dtype}")
+    t = (q.to(torch.int64) + 8).reshape(n, k // 8, 8)
+    shifts = torch.tensor([4 * p for p in KMAJOR_NIBBLE_POS], dtype=torch.int64, device=q.device)
+    words = (t << shifts).sum(dim=-1)  # < 2**32, no carries: the nibbles are disjoint
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.t().contiguous()
+
+
+def unpack_int4_kmajor(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_kmajor`: int32 (K/8, N) → int8 (N, K)."""
+    if words.dtype != torch.int32:
+        raise ValueError(f"words must be int32, got {words.dtype}")
+    w = words.t().to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.tensor([4 * p for p in KMAJOR_NIBBLE_POS], dtype=torch.int64, device=words.device)
+    t = (w[:, :, None] >> shifts) & 0xF
+    return (t - 8).reshape(w.shape[0], -1).to(torch.int8)
 
 
 def _check_group(k: int, group_size: int) -> None:
