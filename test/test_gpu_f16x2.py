@@ -126,11 +126,12 @@ def test_f16x2_candidates():
     assert c and all(cf.gemv and cf.block_m == 1 and cf.block_n >= 128 * cf.num_warps for cf in c)
     assert all(cf.mode == 1 for cf in c)
     assert all(cf.mode == 0 for cf in kernels.f16x2_gemv_configs(1, 12288, 4096, 128, asm=False))
-    # 48 tiles of 256 → split 16 reaches ≥ 4 programs per SM on 132 SMs
-    assert (c[0].block_n, c[0].block_k, c[0].split_k) == (256, 128, 16)
+    # 48 tiles of 256 → split 16 reaches ≥ 4 programs per SM on 132 SMs; also ×2 and ×4 of it
+    assert (c[0].block_n, c[0].block_k, c[0].split_k) == (256, 32, 16)
+    assert [cf.split_k for cf in c[:3]] == [16, 32, 64]
     assert kernels.candidate_configs("w4a16_f16x2", 9, 4096, 4096, 128) == []
     assert all(cf.mode == 0 for cf in kernels.fallback_configs("w4a16_f16x2", 1, 4096, 4096, 128))
-    assert c[0].short() == "g1n256k128s16rw2p3" and c[0].short() != kernels.replace(c[0], mode=0).short()
+    assert c[0].short() == "g1n256k32s16rw2p3" and c[0].short() != kernels.replace(c[0], mode=0).short()
 
 
 def test_f16x2_module_kernel_and_prefill_fallback():
@@ -158,7 +159,7 @@ sig = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", 
        "k_blocks_per_split": "i32"}
 k = comp(tk.w4a16_f16x2_gemv_kernel, sig,
          {"GROUP": 128, "BLOCK_N": 256, "BLOCK_K": 128, "HAS_BIAS": False, "SPLIT_MODE": 2, "EVEN_N": True,
-          "USE_ASM": True}, 2, div16=DIV16, num_stages=3)
+          "USE_ASM": True, "SPLIT": 16}, 2, div16=DIV16, num_stages=3)
 ptx = k.asm["ptx"]
 print(json.dumps({"lop3": ptx.count("lop3.b32"), "hfma2": ptx.count("fma.rn.f16x2"),
                   "v4": bool(re.search(r"ld\.global[.\w]*\.v4\.b32", ptx)), "mma": "mma" in ptx,

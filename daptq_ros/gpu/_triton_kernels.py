@@ -505,16 +505,44 @@ def _q4x8_dot(u, x0, x1, x2, x3, y0, y1, y2, y3, USE_ASM: tl.constexpr):
         return t * 0.0625
 
 
+@triton.jit
+def _epilogue_row(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, stride_om, stride_os,
+                  HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, SPLIT: tl.constexpr):
+    """:func:`_epilogue` for one token row with a compile-time split count: the last split of a
+    tile reads the partials 4 splits at a time (4 loads in flight per element instead of a
+    dependent chain of SPLIT loads), still summed in split order."""
+    n_mask = offs_n < N
+    rel = pid_m * stride_om + offs_n
+    if SPLIT_MODE == 0:
+        _finish(acc[None, :], out_ptr, bias_ptr, rel[None, :], n_mask[None, :], offs_n, n_mask, False,
+                HAS_BIAS)
+    else:
+        tl.store(ws_ptr + tl.program_id(2) * stride_os + rel, acc, mask=n_mask)
+        if SPLIT_MODE == 2:
+            tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros_like(acc)
+                for c in range(0, SPLIT, 4):  # a loop, not unrolled: 4 loads live, not SPLIT
+                    sk = c + tl.arange(0, 4)
+                    parts = tl.load(ws_ptr + sk[:, None] * stride_os + rel[None, :], other=0.0,
+                                    mask=(sk[:, None] < SPLIT) & n_mask[None, :], cache_modifier=".cg")
+                    total += tl.sum(parts, axis=0)
+                _finish(total[None, :], out_ptr, bias_ptr, rel[None, :], n_mask[None, :], offs_n, n_mask,
+                        False, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
 def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                             M, N, K, stride_xm, stride_wc, stride_sg, stride_om, stride_os,
                             k_blocks_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
-                            EVEN_N: tl.constexpr,
-                            USE_ASM: tl.constexpr):
+                            EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr):
     """W4A16 GEMV, one token row per program: x (M, K) bf16 read as int32 pairs (``stride_xm`` in
     pairs) · K-major int4 words (K/8, N) with bf16 group scales (K/GROUP, N); BLOCK_K divides GROUP.
-    Grid (N tiles, M, K splits); split-K partials reduced as in the other kernels."""
+    Grid (N tiles, M, SPLIT K splits); split-K partials reduced by :func:`_epilogue_row`."""
     pid_m = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -531,16 +559,19 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(kb0, kb1):
         u = tl.load(w_ptrs)
-        x0, y0 = _bf16x2_to_f16x2(tl.load(x_ptrs), USE_ASM)
-        x1, y1 = _bf16x2_to_f16x2(tl.load(x_ptrs + 1), USE_ASM)
-        x2, y2 = _bf16x2_to_f16x2(tl.load(x_ptrs + 2), USE_ASM)
-        x3, y3 = _bf16x2_to_f16x2(tl.load(x_ptrs + 3), USE_ASM)
+        w0 = tl.load(x_ptrs)  # the 4 activation pairs of each word (L1 hits after the first warp)
+        w1 = tl.load(x_ptrs + 1)
+        w2 = tl.load(x_ptrs + 2)
+        w3 = tl.load(x_ptrs + 3)
+        x0, y0 = _bf16x2_to_f16x2(w0, USE_ASM)
+        x1, y1 = _bf16x2_to_f16x2(w1, USE_ASM)
+        x2, y2 = _bf16x2_to_f16x2(w2, USE_ASM)
+        x3, y3 = _bf16x2_to_f16x2(w3, USE_ASM)
         part = _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
                          y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
         s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
         acc += tl.sum(part, axis=0) * s
         w_ptrs += WORDS * stride_wc
         x_ptrs += WORDS * 4
-    offs_m = pid_m + tl.arange(0, 1)
-    _epilogue(16.0 * acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om,
-              stride_os, False, HAS_BIAS, SPLIT_MODE)
+    _epilogue_row(16.0 * acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, stride_om, stride_os,
+                  HAS_BIAS, SPLIT_MODE, SPLIT)

@@ -188,9 +188,11 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
 
 
 # fp16x2 GEMV tiles (BLOCK_N, warps, BLOCK_K as a fraction of the group): BLOCK_N ≥ 128 · warps,
-# so a column's K-words stay in one thread (register-only K reduction); wider tiles give each
-# thread more columns to share its converted activations with.
-_F16X2_TILES = ((256, 2, 1), (512, 4, 1), (256, 1, 1), (512, 2, 1), (128, 1, 1), (256, 2, 2))
+# so a column's K-words stay in one thread (register-only K reduction). A quarter-group K-block
+# (4 words per column and thread) needs 40 registers (sm_90), so 48 warps fit an SM; every tile is
+# tried with the split-K that gives ≥ 4, 8 and 16 programs per SM: at batch 1 the kernel is bound
+# by how many independent instruction streams hide the load and FMA latencies.
+_F16X2_TILES = ((256, 2, 4), (256, 2, 2), (256, 2, 1), (512, 4, 4), (512, 4, 2), (128, 1, 4))
 
 
 def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, quick: bool = False,
@@ -209,7 +211,7 @@ def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, 
             continue
         kb = k // bk
         split = gemv_split_k(n, bn, kb, m, sm_count)
-        for sk in dict.fromkeys([split] if quick else [split, split * 2]):
+        for sk in dict.fromkeys([split] if quick else [split, split * 2, split * 4]):
             if sk <= kb:
                 out.append(KernelConfig(1, bn, bk, sk, False, 1 if asm else 0, warps, 3, serial=True,
                                         gemv=True))
@@ -618,7 +620,7 @@ def _launch_f16x2_gemv(tk: ModuleType, x2: torch.Tensor, weight: Int4KMajorWeigh
         m, n, k, xw.stride(0), weight.words.stride(0), weight.scales.stride(0), n, m * n, per_split,
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
         SPLIT_MODE=split_mode, EVEN_N=n % cfg.block_n == 0, USE_ASM=cfg.mode == 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=grid[2], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
