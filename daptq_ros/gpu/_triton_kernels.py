@@ -534,15 +534,27 @@ def _epilogue_row(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, str
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+@triton.jit
+def _kmajor_block(w_base, x_base, kb, stride_wc, WORDS: tl.constexpr):
+    """K-block ``kb``'s weight words [WORDS, BLOCK_N] and its 4 activation-pair words per K-word
+    (L1 hits after the first warp)."""
+    xp = x_base + kb * WORDS * 4
+    return (tl.load(w_base + kb * WORDS * stride_wc), tl.load(xp), tl.load(xp + 1), tl.load(xp + 2),
+            tl.load(xp + 3))
+
+
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
 def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                             M, N, K, stride_xm, stride_wc, stride_sg, stride_om, stride_os,
                             k_blocks_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr,
-                            EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr):
+                            EVEN_N: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
+                            PREFETCH: tl.constexpr):
     """W4A16 GEMV, one token row per program: x (M, K) bf16 read as int32 pairs (``stride_xm`` in
     pairs) · K-major int4 words (K/8, N) with bf16 group scales (K/GROUP, N); BLOCK_K divides GROUP.
-    Grid (N tiles, M, SPLIT K splits); split-K partials reduced by :func:`_epilogue_row`."""
+    Grid (N tiles, M, SPLIT K splits); split-K partials reduced by :func:`_epilogue_row`.
+    ``PREFETCH`` double-buffers in registers: K-block kb + 1 is loaded while kb is computed (Triton
+    software-pipelines only loads that feed ``tl.dot``; these stay synchronous otherwise)."""
     pid_m = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -553,16 +565,18 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     kb0 = tl.program_id(2) * k_blocks_per_split
     kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
     offs_c = tl.arange(0, WORDS)
-    w_ptrs = w_ptr + (kb0 * WORDS + offs_c)[:, None] * stride_wc + ld_n[None, :]
-    x_ptrs = x_ptr + pid_m * stride_xm + (kb0 * WORDS + offs_c) * 4
+    w_base = w_ptr + offs_c[:, None] * stride_wc + ld_n[None, :]
+    x_base = x_ptr + pid_m * stride_xm + offs_c * 4
     s_ptrs = s_ptr + ld_n
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PREFETCH:
+        nu, n0, n1, n2, n3 = _kmajor_block(w_base, x_base, kb0, stride_wc, WORDS)
     for kb in range(kb0, kb1):
-        u = tl.load(w_ptrs)
-        w0 = tl.load(x_ptrs)  # the 4 activation pairs of each word (L1 hits after the first warp)
-        w1 = tl.load(x_ptrs + 1)
-        w2 = tl.load(x_ptrs + 2)
-        w3 = tl.load(x_ptrs + 3)
+        if PREFETCH:  # the next K-block's loads go out before this block's arithmetic
+            u, w0, w1, w2, w3 = nu, n0, n1, n2, n3
+            nu, n0, n1, n2, n3 = _kmajor_block(w_base, x_base, tl.minimum(kb + 1, kb1 - 1), stride_wc, WORDS)
+        else:
+            u, w0, w1, w2, w3 = _kmajor_block(w_base, x_base, kb, stride_wc, WORDS)
         x0, y0 = _bf16x2_to_f16x2(w0, USE_ASM)
         x1, y1 = _bf16x2_to_f16x2(w1, USE_ASM)
         x2, y2 = _bf16x2_to_f16x2(w2, USE_ASM)
@@ -571,7 +585,5 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
                          y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
         s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
         acc += tl.sum(part, axis=0) * s
-        w_ptrs += WORDS * stride_wc
-        x_ptrs += WORDS * 4
     _epilogue_row(16.0 * acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, stride_om, stride_os,
                   HAS_BIAS, SPLIT_MODE, SPLIT)

@@ -85,7 +85,8 @@ class KernelConfig:
             (otherwise a second, reduction launch does).
         gemv: the CUDA-core GEMV kernels (``w*a16_gemv_kernel``, no ``tl.dot``; for M ≤ 8);
             ``swap_ab`` is then unused, and so is ``mode`` except for the fp16x2 GEMV (1 = inline
-            PTX fp16x2 math, 0 = the same sum in fp32 Triton ops, which the interpreter can run).
+            PTX fp16x2 math, 0 = the same sum in fp32 Triton ops, which the interpreter can run);
+            there ``num_stages`` 2 means the kernel's own register double-buffering of K-blocks.
     """
 
     block_m: int = 16
@@ -188,32 +189,36 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
 
 
 # fp16x2 GEMV tiles (BLOCK_N, warps, BLOCK_K as a fraction of the group): BLOCK_N ≥ 128 · warps,
-# so a column's K-words stay in one thread (register-only K reduction). A quarter-group K-block
-# (4 words per column and thread) needs 40 registers (sm_90), so 48 warps fit an SM; every tile is
-# tried with the split-K that gives ≥ 4, 8 and 16 programs per SM: at batch 1 the kernel is bound
-# by how many independent instruction streams hide the load and FMA latencies.
-_F16X2_TILES = ((256, 2, 4), (256, 2, 2), (256, 2, 1), (512, 4, 4), (512, 4, 2), (128, 1, 4))
+# so a column's K-words stay in one thread (register-only K reduction). Measured on the H200 at
+# batch 1 (docs/gpu_bench.md): register double-buffering (num_stages 2) won on every d-4096 shape,
+# with half- or whole-group K-blocks and ~4 programs per SM; the single-buffered quarter-group
+# tiles (40 registers, 48 warps per SM) stay as candidates.
+_F16X2_PREFETCH_TILES = ((256, 2, 2), (256, 2, 1), (128, 1, 2), (512, 2, 2), (512, 4, 2), (256, 2, 4))
+_F16X2_PLAIN_TILES = ((256, 2, 4), (128, 1, 4))
 
 
 def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, quick: bool = False,
                        asm: bool = True) -> list[KernelConfig]:
     """Candidates of the fp16x2 GEMV (``w4a16_f16x2``; empty for M > :data:`GEMV_MAX_M`).
 
+    Each tile with the split-K that gives ≥ 4 programs per SM, half and twice that.
     ``asm`` False gives the fp32-Triton-ops form of the same kernel (``mode`` 0): the interpreter's
     and the fallback when the inline PTX does not compile.
     """
     if m > GEMV_MAX_M:
         return []
     out: list[KernelConfig] = []
-    for bn, warps, div in (_F16X2_TILES[:1] if quick else _F16X2_TILES):
+    families = [(t, 2) for t in _F16X2_PREFETCH_TILES] + [(t, 3) for t in _F16X2_PLAIN_TILES]
+    for (bn, warps, div), stages in (families[:1] if quick else families):
         bk = group // div
         if bk < 8 or bk % 8 or group % bk or k % bk:
             continue
         kb = k // bk
         split = gemv_split_k(n, bn, kb, m, sm_count)
-        for sk in dict.fromkeys([split] if quick else [split, split * 2, split * 4]):
+        splits = [split] if quick else [split, max(1, split // 2), split * 2]
+        for sk in dict.fromkeys(splits):
             if sk <= kb:
-                out.append(KernelConfig(1, bn, bk, sk, False, 1 if asm else 0, warps, 3, serial=True,
+                out.append(KernelConfig(1, bn, bk, sk, False, 1 if asm else 0, warps, stages, serial=True,
                                         gemv=True))
     return out
 
@@ -620,7 +625,7 @@ def _launch_f16x2_gemv(tk: ModuleType, x2: torch.Tensor, weight: Int4KMajorWeigh
         m, n, k, xw.stride(0), weight.words.stride(0), weight.scales.stride(0), n, m * n, per_split,
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
         SPLIT_MODE=split_mode, EVEN_N=n % cfg.block_n == 0, USE_ASM=cfg.mode == 1,
-        SPLIT=grid[2], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=grid[2], PREFETCH=cfg.num_stages == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
