@@ -557,14 +557,8 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     software-pipelines only loads that feed ``tl.dot``; these stay synchronous otherwise)."""
     pid_m = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    kb0 = tl.program_id(2) * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
-    offs_c = tl.arange(0, WORDS)
+    _, offs_n, ld_n, offs_c, kb0, kb1, _ = _gemv_tile(  # its N-major word pointers go unused
+        w_ptr, N, K, stride_wc, k_blocks_per_split, 1, BLOCK_N, BLOCK_K, WORDS, EVEN_N)
     w_base = w_ptr + offs_c[:, None] * stride_wc + ld_n[None, :]
     x_base = x_ptr + pid_m * stride_xm + offs_c * 4
     s_ptrs = s_ptr + ld_n
