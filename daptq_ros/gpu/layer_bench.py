@@ -8,8 +8,10 @@ Run on the GPU machine (≈ 1–2 min)::
 1. For each Linear shape of ``trunk-302m`` (N × K = 6144×2048, 2048×2048, 8192×2048,
    2048×8192) and M ∈ {1, 16}: bf16 ``F.linear`` (cuBLAS), torch tinygemm int4 (g128) and
    *every* W4A16-g128 / W8A16 candidate of :func:`kernels.candidate_configs` (GEMV and
-   tensor-core tiles), each checked against float32 and timed like the tuner does (CUDA graph,
-   L2 flushed, median of 25); printed as µs and effective GB/s against the weight bytes.
+   tensor-core tiles) and of the fp16x2 GEMV (``w4a16_f16x2_g128``), each checked against float32
+   and timed like the tuner does (CUDA graph, L2 flushed, median of 25); printed as µs and
+   effective GB/s against the weight bytes. ``--impls`` picks implementations, ``--trunk`` the
+   shapes (``trunk-315m-d4096``: the 7B-VLA layer shapes), ``--no-profile`` skips step 2.
 2. The bf16 and best-quantized trunk-302m forward at M = 1, eager under ``torch.profiler``:
    summed kernel time per kernel name, split into matmul and non-matmul kernels.
 """
