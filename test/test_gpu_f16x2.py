@@ -26,7 +26,7 @@ from daptq_ros.gpu.packing import (
 MODE = 1 if ON_GPU else 0  # the interpreter runs the fp32 form; a GPU runs the inline PTX
 
 
-def _h(bn, bk, split=1, serial=True, warps=1, stages=1):
+def _h(bn, bk, split=1, serial=True, warps=1, stages=3):
     return KernelConfig(1, bn, bk, split, False, MODE, warps, stages, serial=serial, gemv=True)
 
 
@@ -82,11 +82,8 @@ CASES = [
     (1, 200, 512, 128, _h(128, 64, 4)),
     (3, 256, 256, 64, _h(256, 64, 2, serial=False)),
     (2, 256, 512, 128, _h(256, 128, 2, warps=2)),
-    # register prefetch one (num_stages 2) and two (3) K-blocks ahead, several K-blocks per split,
-    # fewer K-blocks than the prefetch depth, one per split
+    # register double-buffering (num_stages 2), several K-blocks per split and one per split
     (1, 200, 512, 64, _h(128, 32, 2, stages=2)),
-    (1, 128, 512, 128, _h(128, 32, 2, stages=3)),
-    (2, 128, 128, 64, _h(128, 64, 1, stages=3)),
     (2, 128, 256, 128, _h(128, 64, 4, stages=2)),
 ]
 
@@ -135,7 +132,7 @@ def test_f16x2_candidates():
     # 48 tiles of 256 → split 16 reaches ≥ 4 programs per SM on 132 SMs; also ÷2 and ×2 of it
     assert (c[0].block_n, c[0].block_k, c[0].split_k, c[0].num_stages) == (256, 64, 16, 2)
     assert [cf.split_k for cf in c[:3]] == [16, 8, 32]
-    assert {cf.num_stages for cf in c} == {1, 2, 3}
+    assert {cf.num_stages for cf in c} == {2, 3}
     assert kernels.candidate_configs("w4a16_f16x2", 9, 4096, 4096, 128) == []
     assert all(cf.mode == 0 for cf in kernels.fallback_configs("w4a16_f16x2", 1, 4096, 4096, 128))
     assert c[0].short() == "g1n256k64s16rw2p2" and c[0].short() != kernels.replace(c[0], mode=0).short()
@@ -166,7 +163,7 @@ sig = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", 
        "k_blocks_per_split": "i32"}
 k = comp(tk.w4a16_f16x2_gemv_kernel, sig,
          {"GROUP": 128, "BLOCK_N": 256, "BLOCK_K": 128, "HAS_BIAS": False, "SPLIT_MODE": 2, "EVEN_N": True,
-          "USE_ASM": True, "SPLIT": 16, "PREFETCH": 1}, 2, div16=DIV16, num_stages=3)
+          "USE_ASM": True, "SPLIT": 16, "PREFETCH": True}, 2, div16=DIV16, num_stages=3)
 ptx = k.asm["ptx"]
 print(json.dumps({"lop3": ptx.count("lop3.b32"), "hfma2": ptx.count("fma.rn.f16x2"),
                   "v4": bool(re.search(r"ld\.global[.\w]*\.v4\.b32", ptx)), "mma": "mma" in ptx,

@@ -536,12 +536,11 @@ def _epilogue_row(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, str
 
 @triton.jit
 def _kmajor_block(w_base, x_base, kb, stride_wc, WORDS: tl.constexpr):
-    """K-block ``kb``'s weight words [WORDS, BLOCK_N] and its 4 activation-pair words per K-word.
-    The weights are read once, through L2 only (``.cg``), so they do not evict the activation pairs
-    from L1 (hits after the first warp)."""
+    """K-block ``kb``'s weight words [WORDS, BLOCK_N] and its 4 activation-pair words per K-word
+    (L1 hits after the first warp)."""
     xp = x_base + kb * WORDS * 4
-    u = tl.load(w_base + kb * WORDS * stride_wc, cache_modifier=".cg")
-    return u, tl.load(xp), tl.load(xp + 1), tl.load(xp + 2), tl.load(xp + 3)
+    return (tl.load(w_base + kb * WORDS * stride_wc), tl.load(xp), tl.load(xp + 1), tl.load(xp + 2),
+            tl.load(xp + 3))
 
 
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
@@ -554,8 +553,8 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     """W4A16 GEMV, one token row per program: x (M, K) bf16 read as int32 pairs (``stride_xm`` in
     pairs) · K-major int4 words (K/8, N) with bf16 group scales (K/GROUP, N); BLOCK_K divides GROUP.
     Grid (N tiles, M, SPLIT K splits); split-K partials reduced by :func:`_epilogue_row`.
-    ``PREFETCH`` (0, 1, 2) K-blocks are loaded ahead into registers while the current one is computed
-    (Triton software-pipelines only loads that feed ``tl.dot``; these stay synchronous otherwise)."""
+    ``PREFETCH`` double-buffers in registers: K-block kb + 1 is loaded while kb is computed (Triton
+    software-pipelines only loads that feed ``tl.dot``; these stay synchronous otherwise)."""
     pid_m = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
     _, offs_n, ld_n, offs_c, kb0, kb1, _ = _gemv_tile(  # its N-major word pointers go unused
@@ -564,18 +563,10 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     x_base = x_ptr + pid_m * stride_xm + offs_c * 4
     s_ptrs = s_ptr + ld_n
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PREFETCH >= 1:
+    if PREFETCH:
         nu, n0, n1, n2, n3 = _kmajor_block(w_base, x_base, kb0, stride_wc, WORDS)
-    if PREFETCH == 2:
-        mu, m0, m1, m2, m3 = _kmajor_block(w_base, x_base, tl.minimum(kb0 + 1, kb1 - 1), stride_wc, WORDS)
     for kb in range(kb0, kb1):
-        # PREFETCH K-blocks ahead are in flight while this one is computed (the last index is clamped:
-        # the tail re-reads the final block from L2 instead of branching)
-        if PREFETCH == 2:
-            u, w0, w1, w2, w3 = nu, n0, n1, n2, n3
-            nu, n0, n1, n2, n3 = mu, m0, m1, m2, m3
-            mu, m0, m1, m2, m3 = _kmajor_block(w_base, x_base, tl.minimum(kb + 2, kb1 - 1), stride_wc, WORDS)
-        elif PREFETCH == 1:
+        if PREFETCH:  # the next K-block's loads go out before this block's arithmetic
             u, w0, w1, w2, w3 = nu, n0, n1, n2, n3
             nu, n0, n1, n2, n3 = _kmajor_block(w_base, x_base, tl.minimum(kb + 1, kb1 - 1), stride_wc, WORDS)
         else:

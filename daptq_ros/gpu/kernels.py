@@ -86,7 +86,7 @@ class KernelConfig:
         gemv: the CUDA-core GEMV kernels (``w*a16_gemv_kernel``, no ``tl.dot``; for M ≤ 8);
             ``swap_ab`` is then unused, and so is ``mode`` except for the fp16x2 GEMV (1 = inline
             PTX fp16x2 math, 0 = the same sum in fp32 Triton ops, which the interpreter can run);
-            there ``num_stages`` − 1 K-blocks (0–2) are prefetched into registers by the kernel itself.
+            there ``num_stages`` 2 means the kernel's own register double-buffering of K-blocks.
     """
 
     block_m: int = 16
@@ -188,15 +188,13 @@ def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: in
     return out
 
 
-# fp16x2 GEMV tiles (BLOCK_N, warps, BLOCK_K as a fraction of the group, num_stages): BLOCK_N ≥
-# 128 · warps, so a column's K-words stay in one thread (register-only K reduction); num_stages − 1
-# K-blocks are prefetched into registers. Measured on the H200 at batch 1 (docs/gpu_bench.md):
-# one block ahead with half- or whole-group K-blocks and ~4 programs per SM won on every d-4096
-# shape; two ahead with smaller blocks, and the unbuffered quarter-group tiles (40 registers,
-# 48 warps per SM), stay as candidates.
-_F16X2_TILES = ((256, 2, 2, 2), (256, 2, 1, 2), (128, 1, 2, 2), (512, 2, 2, 2), (512, 4, 2, 2),
-                (256, 2, 4, 2), (256, 2, 4, 3), (128, 1, 4, 3), (256, 2, 2, 3), (256, 2, 4, 1),
-                (128, 1, 4, 1))
+# fp16x2 GEMV tiles (BLOCK_N, warps, BLOCK_K as a fraction of the group): BLOCK_N ≥ 128 · warps,
+# so a column's K-words stay in one thread (register-only K reduction). Measured on the H200 at
+# batch 1 (docs/gpu_bench.md): register double-buffering (num_stages 2) won on every d-4096 shape,
+# with half- or whole-group K-blocks and ~4 programs per SM; the single-buffered quarter-group
+# tiles (40 registers, 48 warps per SM) stay as candidates.
+_F16X2_PREFETCH_TILES = ((256, 2, 2), (256, 2, 1), (128, 1, 2), (512, 2, 2), (512, 4, 2), (256, 2, 4))
+_F16X2_PLAIN_TILES = ((256, 2, 4), (128, 1, 4))
 
 
 def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, quick: bool = False,
@@ -210,7 +208,8 @@ def f16x2_gemv_configs(m: int, n: int, k: int, group: int, sm_count: int = 132, 
     if m > GEMV_MAX_M:
         return []
     out: list[KernelConfig] = []
-    for bn, warps, div, stages in (_F16X2_TILES[:1] if quick else _F16X2_TILES):
+    families = [(t, 2) for t in _F16X2_PREFETCH_TILES] + [(t, 3) for t in _F16X2_PLAIN_TILES]
+    for (bn, warps, div), stages in (families[:1] if quick else families):
         bk = group // div
         if bk < 8 or bk % 8 or group % bk or k % bk:
             continue
@@ -626,8 +625,7 @@ def _launch_f16x2_gemv(tk: ModuleType, x2: torch.Tensor, weight: Int4KMajorWeigh
         m, n, k, xw.stride(0), weight.words.stride(0), weight.scales.stride(0), n, m * n, per_split,
         GROUP=g, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
         SPLIT_MODE=split_mode, EVEN_N=n % cfg.block_n == 0, USE_ASM=cfg.mode == 1,
-        SPLIT=grid[2], PREFETCH=max(0, min(2, cfg.num_stages - 1)), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        SPLIT=grid[2], PREFETCH=cfg.num_stages == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # Per-device int32 tile counters of the in-launch split-K reduction. Every launch leaves them at 0
