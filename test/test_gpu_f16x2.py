@@ -177,3 +177,51 @@ def test_f16x2_gemv_compiles_for_hopper_with_packed_math():
     # 16 words × 4 columns per thread and K-block: 4 LOP3 and 7 fp16x2 FMAs per word
     assert r["lop3"] >= 4 * 64 and r["hfma2"] >= 7 * 64
     assert r["v4"] and not r["mma"] and not r["i2f"]
+
+
+_SASS_BODY = r"""
+import os, subprocess
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if not os.path.exists(BIN):
+    print(json.dumps({"skip": "Triton ships no cuobjdump here"})); sys.exit(0)
+DIV16 = {"K", "N", "stride_xm", "stride_wn", "stride_wc", "stride_sg", "stride_om", "stride_os"}
+base = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_sg": "i32", "stride_om": "i32",
+        "stride_os": "i32", "k_blocks_per_split": "i32"}
+ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+def sass_count(fn, sig, consts, warps):
+    k = comp(fn, sig, consts, warps, div16=DIV16, num_stages=3)
+    path = os.path.join(os.environ["SASS_DIR"], fn.__name__ + ".cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    sass = subprocess.run([BIN, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line))
+
+out = {}
+for bk in (64, 128):  # one token, no split: the SASS growth per extra 64 K is the per-weight cost
+    out[f"fp32_{bk}"] = sass_count(tk.w4a16_gemv_kernel, {**ptrs, **base, "stride_wn": "i32"},
+        {"GROUP": 128, "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": bk, "HAS_BIAS": False, "SPLIT_MODE": 0,
+         "EVEN_N": True}, 4)
+    out[f"f16x2_{bk}"] = sass_count(tk.w4a16_f16x2_gemv_kernel,
+        {**ptrs, "x_ptr": "*i32", **base, "stride_wc": "i32"},
+        {"GROUP": 128, "BLOCK_N": 256, "BLOCK_K": bk, "HAS_BIAS": False, "SPLIT_MODE": 0, "EVEN_N": True,
+         "USE_ASM": True, "SPLIT": 1, "PREFETCH": False}, 2)
+# weights per thread per extra 64 K: BLOCK_N * 64 / threads
+out["fp32_per_weight"] = (out["fp32_128"] - out["fp32_64"]) / (64 * 64 / 128)
+out["f16x2_per_weight"] = (out["f16x2_128"] - out["f16x2_64"]) / (256 * 64 / 64)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="compile check is for GPU-less CI")
+def test_f16x2_gemv_needs_fewer_instructions_per_weight(tmp_path, monkeypatch, capsys):
+    """sm_90 SASS per int4 weight, fp16x2 GEMV vs the fp32 GEMV (``pytest -s`` prints the counts;
+    docs/gpu_bench.md quotes them)."""
+    monkeypatch.setenv("SASS_DIR", str(tmp_path))
+    r = compile_report(_SASS_BODY)
+    with capsys.disabled():
+        print(f"\nSASS instructions per weight: fp32 GEMV {r['fp32_per_weight']:.2f}, "
+              f"fp16x2 GEMV {r['f16x2_per_weight']:.2f}")
+    assert r["f16x2_per_weight"] < 0.7 * r["fp32_per_weight"]
+    assert r["f16x2_per_weight"] < 3.5
