@@ -147,7 +147,7 @@ def test_autotuner_times_valid_configs_and_respects_the_budget(monkeypatch):
     cfgs = [KernelConfig(block_n=n) for n in (16, 32, 64, 128)]
     times = {16: 3.0, 32: 1.0, 64: 0.5, 128: 2.0}
     ref = torch.ones(4)
-    monkeypatch.setattr(kernels, "_can_time_on_device", lambda: True)
+    monkeypatch.setattr(kernels, "_on_compiled_gpu", lambda: True)
     # the tuner times `lambda c=cfg: run(c)`: read the config back from the lambda's default
     monkeypatch.setattr(kernels, "_bench_ms", lambda fn: times[fn.__defaults__[0].block_n])
 

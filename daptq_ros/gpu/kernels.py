@@ -61,11 +61,6 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _inline_asm_ok() -> bool:
-    """Inline PTX runs on a CUDA device, not under ``TRITON_INTERPRET=1``."""
-    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def _tk() -> ModuleType:
     """The Triton kernel module (imports triton on first use)."""
     return importlib.import_module("daptq_ros.gpu._triton_kernels")
@@ -247,7 +242,7 @@ def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_coun
         quick: a smaller set (fewer compiles).
     """
     if kind == "w4a16_f16x2":
-        return f16x2_gemv_configs(m, n, k, group, sm_count, quick, asm=_inline_asm_ok())
+        return f16x2_gemv_configs(m, n, k, group, sm_count, quick, asm=_on_compiled_gpu())
     if kind not in ("w8a16", "w4a16"):
         raise ValueError(f"kind must be 'w8a16', 'w4a16' or 'w4a16_f16x2', got {kind!r}")
     if kind == "w4a16":
@@ -377,7 +372,7 @@ class Autotuner:
         if key in self.records:
             return self.records[key].config
         capturing = _capturing()
-        on_gpu = _can_time_on_device()
+        on_gpu = _on_compiled_gpu()
         if capturing or not on_gpu or not tune or self.remaining_s() <= 0:
             why = ("capturing" if capturing else "no GPU" if not on_gpu else "small layer" if not tune
                    else "budget spent")
@@ -445,8 +440,9 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _can_time_on_device() -> bool:
-    """Tuning times configs only on a real GPU (not under the interpreter)."""
+def _on_compiled_gpu() -> bool:
+    """A CUDA device running compiled Triton, not ``TRITON_INTERPRET=1``: tuning times configs
+    only there, and only there can inline PTX run."""
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 

@@ -63,13 +63,17 @@ class QuantLinear(nn.Module):
         bias = linear.bias.detach().to(torch.bfloat16).contiguous() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
+    def qweight(self) -> Int8Weight | Int4Weight | Int4KMajorWeight:
+        """The packed weight the kernel reads."""
+        raise NotImplementedError
+
     def weight_nbytes(self) -> int:
         """Bytes of integers + scales the forward streams."""
-        raise NotImplementedError
+        return self.qweight().nbytes
 
     def reference_weight(self) -> torch.Tensor:
         """The dequantized float32 weight (N, K) this layer computes with."""
-        raise NotImplementedError
+        return self.qweight().dequantize(torch.float32)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, variant={self.variant}"
@@ -92,12 +96,6 @@ class W8A16Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a16_linear(x, self.qweight(), self.bias)
 
-    def weight_nbytes(self) -> int:
-        return self.qweight().nbytes
-
-    def reference_weight(self) -> torch.Tensor:
-        return self.qweight().dequantize(torch.float32)
-
 
 class W4A16Linear(QuantLinear):
     """int4 group-wise weight-only Linear (Triton)."""
@@ -116,12 +114,6 @@ class W4A16Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear(x, self.qweight(), self.bias)
-
-    def weight_nbytes(self) -> int:
-        return self.qweight().nbytes
-
-    def reference_weight(self) -> torch.Tensor:
-        return self.qweight().dequantize(torch.float32)
 
 
 class W4A16F16x2Linear(QuantLinear):
@@ -144,12 +136,6 @@ class W4A16F16x2Linear(QuantLinear):
         if x.numel() // self.in_features <= kernels.GEMV_MAX_M:
             return kernels.w4a16_f16x2_linear(x, self.qweight(), self.bias)
         return F.linear(x, self.qweight().dequantize(x.dtype), self.bias)
-
-    def weight_nbytes(self) -> int:
-        return self.qweight().nbytes
-
-    def reference_weight(self) -> torch.Tensor:
-        return self.qweight().dequantize(torch.float32)
 
 
 class TorchInt4Linear(QuantLinear):
@@ -199,8 +185,11 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("scales", q.scales)
         self.register_buffer("w_t", kernels.prepare_int_mm_weight(q))
 
+    def qweight(self) -> Int8Weight:
+        return Int8Weight(self.q, self.scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = Int8Weight(self.q, self.scales)
+        weight = self.qweight()
         if self.use_triton:
             try:
                 return kernels.w8a8_linear(x, weight, self.w_t, self.bias, use_triton=True)
@@ -210,12 +199,6 @@ class W8A8Linear(QuantLinear):
                 log.warning("W8A8 Triton quantize/epilogue failed (%s); using the torch ops", exc)
                 self.use_triton = False
         return kernels.w8a8_linear(x, weight, self.w_t, self.bias, use_triton=False)
-
-    def weight_nbytes(self) -> int:
-        return self.q.numel() + self.scales.numel() * 4
-
-    def reference_weight(self) -> torch.Tensor:
-        return Int8Weight(self.q, self.scales).dequantize(torch.float32)
 
 
 class FakeQuantActLinear(nn.Linear):

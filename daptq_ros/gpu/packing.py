@@ -129,10 +129,7 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight (N, K) = q * scale of its group."""
-        n, k = self.shape
-        q = self.unpacked().to(torch.float32).reshape(n, k // self.group_size, self.group_size)
-        s = self.scales.to(torch.float32).t()[:, :, None]
-        return (q * s).reshape(n, k).to(dtype)
+        return dequantize_int4_groups(self.unpacked(), self.scales, self.group_size, dtype)
 
     def to(self, device: torch.device | str) -> Int4Weight:
         """Copy to ``device``."""
@@ -180,9 +177,7 @@ class Int4KMajorWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight (N, K) = q * scale of its group."""
-        n, k = self.shape
-        q = self.unpacked().to(torch.float32).reshape(n, k // self.group_size, self.group_size)
-        return (q * self.scales.to(torch.float32).t()[:, :, None]).reshape(n, k).to(dtype)
+        return dequantize_int4_groups(self.unpacked(), self.scales, self.group_size, dtype)
 
     def to(self, device: torch.device | str) -> Int4KMajorWeight:
         """Copy to ``device``."""
@@ -199,8 +194,7 @@ def pack_int4_kmajor(q: torch.Tensor) -> torch.Tensor:
     if q.dtype.is_floating_point:
         raise ValueError(f"pack_int4_kmajor takes integers, got {q.dtype}")
     t = (q.to(torch.int64) + 8).reshape(n, k // 8, 8)
-    shifts = torch.tensor([4 * p for p in KMAJOR_NIBBLE_POS], dtype=torch.int64, device=q.device)
-    words = (t << shifts).sum(dim=-1)  # < 2**32, no carries: the nibbles are disjoint
+    words = (t << _kmajor_shifts(q.device)).sum(dim=-1)  # < 2**32, no carries: the nibbles are disjoint
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.t().contiguous()
 
@@ -210,9 +204,21 @@ def unpack_int4_kmajor(words: torch.Tensor) -> torch.Tensor:
     if words.dtype != torch.int32:
         raise ValueError(f"words must be int32, got {words.dtype}")
     w = words.t().to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.tensor([4 * p for p in KMAJOR_NIBBLE_POS], dtype=torch.int64, device=words.device)
-    t = (w[:, :, None] >> shifts) & 0xF
+    t = (w[:, :, None] >> _kmajor_shifts(words.device)) & 0xF
     return (t - 8).reshape(w.shape[0], -1).to(torch.int8)
+
+
+def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, group_size: int,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int4 integers (N, K) times their group scales (K/group_size, N) → float weight (N, K)."""
+    n, k = q.shape
+    qg = q.to(torch.float32).reshape(n, k // group_size, group_size)
+    return (qg * scales.to(torch.float32).t()[:, :, None]).reshape(n, k).to(dtype)
+
+
+def _kmajor_shifts(device: torch.device) -> torch.Tensor:
+    """Bit offset of k = 8c + j in a K-major word, for j = 0..7 (int64)."""
+    return torch.tensor([4 * p for p in KMAJOR_NIBBLE_POS], dtype=torch.int64, device=device)
 
 
 def _check_group(k: int, group_size: int) -> None:
