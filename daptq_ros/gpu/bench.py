@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from daptq_ros.gpu import kernels, report, timing
+from daptq_ros.gpu.fused import FusedTrunk, FusionUnsupportedError
 from daptq_ros.gpu.linear import (
     TRITON_VARIANTS,
     VARIANTS,
@@ -276,6 +277,9 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
             model, qrep = quantize_model(base, variant)
             model = prep(model)
             ref = reference_model(model) if variant != "bf16" else ref_orig
+        except FusionUnsupportedError as exc:
+            rows += [{**common, "M": m, "status": "unavailable", "error": str(exc)} for m in spec.ms]
+            continue
         except Exception as exc:
             log.exception("%s/%s: build failed", spec.name, variant)
             rows += [{**common, "M": m, "status": "error", "error": f"build: {type(exc).__name__}: {exc}"}
@@ -286,6 +290,10 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
         if variant == "bf16":
             bf16_timed = timed
         for m in spec.ms:
+            if isinstance(model, FusedTrunk) and m != 1:
+                rows.append({**common, "M": m, "status": "unavailable",
+                             "error": "the fused trunk kernel runs one token (M = 1) only"})
+                continue
             row = {**common, "M": m, "weight_bytes": wbytes, "quant": qrep.to_dict(),
                    "compiled": timed is not model,
                    "floor_ms": report.bandwidth_floor_ms(wbytes, bw_gbs),
@@ -366,7 +374,9 @@ def _compiled(model: nn.Module) -> nn.Module:
 
     The Triton-launching Linears get ``torch.compiler.disable``-d forwards here, not at class
     definition: running a kernel through a disabled frame breaks ``TRITON_INTERPRET`` runs of the
-    CPU test-suite in the same process."""
+    CPU test-suite in the same process. A :class:`FusedTrunk` is one kernel already: returned as is."""
+    if isinstance(model, FusedTrunk):
+        return model
     for mod in model.modules():
         if isinstance(mod, TRITON_LINEARS):
             mod.forward = torch.compiler.disable(mod.forward)
@@ -382,7 +392,7 @@ def _time(row: dict[str, Any], timed: nn.Module, model: nn.Module, spec: ModelSp
     t = timing.time_graphs(lambda inp: _call(timed, inp), inputs, dev, settings.replays, settings.warmup)
     row.update(trunk_ms=t["median_ms"], trunk_p10_ms=t["p10_ms"], trunk_p90_ms=t["p90_ms"],
                graphs=t["graphs"])
-    if spec.kind == "trunk":
+    if spec.kind == "trunk" and linear_modules(model):  # a fused trunk has no separate Linears
         step, sets = _linear_chain(model, m, dev, 200 + m)
         t = timing.time_graphs(step, sets[: settings.rotate], dev, settings.replays, settings.warmup)
         row.update(linears_ms=t["median_ms"], linears_p10_ms=t["p10_ms"], linears_p90_ms=t["p90_ms"])

@@ -12,6 +12,9 @@ Variants (names used in the benchmark tables and JSON):
 ``w4a16_f16x2_g128`` int4 group-128, K-major words, packed fp16x2 GEMV with inline PTX
                    (:func:`kernels.w4a16_f16x2_linear`) for ≤ 8 tokens; more tokens dequantize
                    to bf16 and run cuBLAS (a decode-step kernel, not a prefill one).
+``w4a16_fused_g128`` the ``w4a16_f16x2_g128`` trunk run as one persistent kernel for one token
+                   (:class:`daptq_ros.gpu.fused.FusedTrunk`: LayerNorm, attention, GELU and
+                   residuals fused, grid barriers, L2 weight prefetch); trunks only, M = 1.
 =================  ==========================================================================
 
 :func:`quantize_model` deep-copies a bf16 model and replaces every eligible ``nn.Linear``;
@@ -45,8 +48,11 @@ from daptq_ros.gpu.packing import (
 log = logging.getLogger(__name__)
 
 # Run order: the tuner's time budget goes to the first Triton variants first.
-VARIANTS = ("bf16", "w4a16_g128", "w8a16", "w4a16_g64", "torch_int4_g128", "w8a8_intmm", "w4a16_f16x2_g128")
-TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64", "w4a16_f16x2_g128")
+VARIANTS = ("bf16", "w4a16_g128", "w8a16", "w4a16_g64", "torch_int4_g128", "w8a8_intmm", "w4a16_f16x2_g128",
+            "w4a16_fused_g128")
+TRITON_VARIANTS = ("w8a16", "w4a16_g128", "w4a16_g64", "w4a16_f16x2_g128", "w4a16_fused_g128")
+# Variants that replace the whole model rather than its Linears (built from another variant's model).
+WHOLE_MODEL_VARIANTS = {"w4a16_fused_g128": "w4a16_f16x2_g128"}
 # Fallback group when K is not a multiple of the requested one (the policy's d_model = 192).
 _FALLBACK_GROUP = 64
 
@@ -265,6 +271,13 @@ def quantize_model(model: nn.Module, variant: str) -> tuple[nn.Module, QuantRepo
     report = QuantReport(variant)
     if variant == "bf16":
         return model, report
+    if variant in WHOLE_MODEL_VARIANTS:
+        from daptq_ros.gpu.fused import FusionUnsupportedError, fuse_trunk  # imports this module
+
+        inner, inner_report = quantize_model(model, WHOLE_MODEL_VARIANTS[variant])
+        if inner_report.kept_float:
+            raise FusionUnsupportedError(f"{variant}: Linears kept float: {inner_report.kept_float}")
+        return fuse_trunk(inner), QuantReport(variant, inner_report.quantized, {}, inner_report.groups)
     new = copy.deepcopy(model)
     requested = _variant_group(variant)
     for name, module in list(new.named_modules()):
@@ -291,7 +304,10 @@ def quantize_model(model: nn.Module, variant: str) -> tuple[nn.Module, QuantRepo
 
 @torch.no_grad()
 def reference_model(model: nn.Module) -> nn.Module:
-    """float32 copy of ``model`` whose quantized Linears become float Linears of their dequantized weights."""
+    """float32 copy of ``model`` whose quantized Linears become float Linears of their dequantized weights
+    (a whole-model variant gives the reference of the model it was built from)."""
+    if hasattr(model, "reference") and callable(model.reference):
+        return model.reference()
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     saved = {}
     for name, m in quant.items():  # deepcopy without the (large) quantized buffers

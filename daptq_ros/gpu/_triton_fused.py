@@ -1,0 +1,320 @@
+"""The fused batch-1 trunk kernel: a whole pre-LN transformer forward for one token in one launch.
+
+Imported only where Triton is available (``daptq_ros.gpu.fused`` launches it). Design, per layer:
+
+====  ==============  ===============================================================================
+ph    kind            what every program does
+====  ==============  ===============================================================================
+0     prep LN1        LayerNorm of the residual (statistics recomputed by every program, 1 row of d)
+                      → its slice of the packed fp16x2 activation words; zeroes its slice of the
+                      MLP accumulator. Layer 0 reads the bf16 input and copies it to the residual.
+1     GEMV qkv        its share of the (tile, group) cells of W_qkv → fp32 atomics into ``qkv``
+2     prep V          ``v`` = ``qkv[2d:3d]`` → packed words (one token: softmax over one key is 1,
+                      so attention returns v exactly; q and k are still computed)
+3     GEMV o          → atomics into the fp32 residual (the residual add is the accumulation)
+4     prep LN2        LayerNorm of the residual → packed words; zeroes its slice of ``qkv``
+5     GEMV fc1        → atomics into ``f``
+6     prep GELU       tanh-GELU of ``f`` → packed words
+7     GEMV fc2        → atomics into the residual
+====  ==============  ===============================================================================
+
+and a last phase applies the final LayerNorm → bf16 output. Phases are separated by a grid-wide
+barrier (an arrive counter polled with volatile loads), so the grid must be co-resident: one or
+two programs per SM, checked by the host. A launch runs phases [``phase_begin``, ``phase_end``):
+the whole forward as one persistent launch on the GPU, or one launch per phase — no barrier — in
+the CPU interpreter (which runs programs one after another) and for the stepwise ablation.
+
+Work split: each GEMV's weights are stored tile-major — cell (tile t, group g) is the
+[GROUP/8, BLOCK_N] block of K-major int4 words of rows t·BLOCK_N.. and K-group g, contiguous,
+and cells of one tile follow each other — and program p takes cells [p·C/P, (p+1)·C/P): equal
+bytes per program to within one 8 KB cell, one contiguous range of memory. A partial tile's sum
+goes out with one fp32 atomic per row when the tile (or the range) ends; order of the atomics
+makes the sum nondeterministic in its last bits.
+
+Prefetch: at the start of GEMV phase j every program issues ``cp.async.bulk.prefetch.L2`` for its
+cells of GEMV j + ``PF_AHEAD`` (and the first ones at launch), so DRAM streams the next layer's
+weights while the barrier, the prep phases and the current GEMV's L2 reads run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from daptq_ros.gpu._triton_kernels import _q4x8_dot
+
+# Fields of one GEMV's row of the int64 meta table (host: daptq_ros.gpu.fused._META_FIELDS).
+META_W, META_S, META_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+META_TILES, META_GROUPS, META_N = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5)
+META_STRIDE = tl.constexpr(8)
+# The vector table (fp32): per layer ln1 γ, β, ln2 γ, β (d each), then the final γ, β.
+
+
+@triton.jit
+def _f16x2_words_to_pair(w, USE_ASM: tl.constexpr):
+    """Packed fp16x2 words → what :func:`_q4x8_dot` takes: the words themselves (inline PTX), or
+    the fp32 (even, odd) values."""
+    if USE_ASM:
+        return w, w
+    else:
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+
+@triton.jit
+def _pack_f16x2(even, odd):
+    """fp32 (even, odd) → int32 words of two fp16, even in the low half (``cvt.rn.f16x2`` order)."""
+    lo = even.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = odd.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _l2_prefetch(ptrs, nbytes):
+    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (multiple of 16) at each 16-byte-aligned pointer."""
+    return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;",
+                                     "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _cell_range(meta_ptr, j, pid, n_prog):
+    """GEMV ``j``'s cell count per tile, and this program's cell range [c0, c1)."""
+    row = meta_ptr + j * META_STRIDE
+    n_groups = tl.load(row + META_GROUPS).to(tl.int32)
+    n_cells = tl.load(row + META_TILES).to(tl.int32) * n_groups
+    return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
+
+
+@triton.jit
+def _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j, n_gemv, pid, n_prog,
+                   GW: tl.constexpr, BLOCK_N: tl.constexpr, PF_CELLS: tl.constexpr):
+    """Bulk-prefetch this program's weight and scale cells of GEMV ``j`` into L2 (no-op past the end)."""
+    if j < n_gemv:
+        row = meta_ptr + j * META_STRIDE
+        _, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+        if c1 > c0:
+            cells = tl.minimum(c0 + tl.arange(0, PF_CELLS), c1 - 1)
+            w_cells = w_ptr + tl.load(row + META_W) + cells * (GW * BLOCK_N)
+            s_cells = s_ptr + tl.load(row + META_S) + cells * BLOCK_N
+            _l2_prefetch(w_cells, tl.full([PF_CELLS], GW * BLOCK_N * 4, tl.int32))
+            _l2_prefetch(s_cells, tl.full([PF_CELLS], BLOCK_N * 2, tl.int32))
+
+
+@triton.jit
+def _cell_loads(w_base, act_ptr, c, n_groups, offs_w, offs_c, GW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cell ``c``'s weight words [GW, BLOCK_N] and the 4 activation-pair words of each K-word."""
+    g = c % n_groups
+    xp = act_ptr + (g * GW + offs_c) * 4
+    return (tl.load(w_base + c * (GW * BLOCK_N) + offs_w, eviction_policy="evict_first"),
+            tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
+            tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
+
+
+@triton.jit
+def _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
+    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile)."""
+    GW: tl.constexpr = GROUP // 8
+    row = meta_ptr + j * META_STRIDE
+    n_out = tl.load(row + META_N).to(tl.int32)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    w_base = w_ptr + tl.load(row + META_W)
+    s_base = s_ptr + tl.load(row + META_S)
+    b_base = vec_ptr + tl.load(row + META_BIAS)
+    offs_c = tl.arange(0, GW)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_w = offs_c[:, None] * BLOCK_N + offs_n[None, :]
+    acc = tl.zeros((GW, BLOCK_N), dtype=tl.float32)
+    extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c0, tl.maximum(c1 - 1, 0)), n_groups,
+                                     offs_w, offs_c, GW, BLOCK_N)
+    for c in range(c0, c1):
+        u, a0, a1, a2, a3 = nu, n0, n1, n2, n3  # register double buffer: cell c + 1 loads go out first
+        nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 1, c1 - 1), n_groups, offs_w,
+                                         offs_c, GW, BLOCK_N)
+        x0, y0 = _f16x2_words_to_pair(a0, USE_ASM)
+        x1, y1 = _f16x2_words_to_pair(a1, USE_ASM)
+        x2, y2 = _f16x2_words_to_pair(a2, USE_ASM)
+        x3, y3 = _f16x2_words_to_pair(a3, USE_ASM)
+        part = _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
+                         y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
+        s = tl.load(s_base + c * BLOCK_N + offs_n).to(tl.float32)
+        acc += part * s[None, :]
+        t = c // n_groups
+        g = c - t * n_groups
+        if HAS_BIAS:
+            if g == 0:  # the range holding a tile's first group adds its bias, exactly once
+                extra += tl.load(b_base + t * BLOCK_N + offs_n)
+        if (g == n_groups - 1) | (c == c1 - 1):
+            rows = t * BLOCK_N + offs_n
+            tl.atomic_add(out_ptr + rows, 16.0 * tl.sum(acc, axis=0) + extra, mask=rows < n_out,
+                          sem="relaxed")
+            acc = tl.zeros((GW, BLOCK_N), dtype=tl.float32)
+            extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+
+@triton.jit
+def _row_stats(src_ptr, n, eps, SRC_BF16: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mean and 1/σ of the length-``n`` row (two-pass, fp32; every program computes them itself)."""
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < n
+    if SRC_BF16:
+        v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    mean = tl.sum(v, axis=0) / n
+    diff = tl.where(mask, v - mean, 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / n + eps)
+
+
+@triton.jit
+def _load_pairs(src_ptr, pairs, mask, SRC_BF16: tl.constexpr):
+    """Even and odd elements (fp32) of the given pair indices."""
+    if SRC_BF16:
+        return (tl.load(src_ptr + 2 * pairs, mask=mask, other=0.0).to(tl.float32),
+                tl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32))
+    else:
+        return (tl.load(src_ptr + 2 * pairs, mask=mask, other=0.0, cache_modifier=".cg"),
+                tl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0, cache_modifier=".cg"))
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) = x·σ(2·√(2/π)(x + 0.044715x³))."""
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def _prep_ln(src_ptr, res_ptr, gamma_ptr, beta_ptr, act_ptr, zero_ptr, n, n_zero, eps, pid, n_prog,
+             SRC_BF16: tl.constexpr, BLOCK_D: tl.constexpr, SLICE: tl.constexpr):
+    """LayerNorm(src)·γ + β → this program's slice of packed activation words; with a bf16 source
+    (the input) the slice is also copied to the fp32 residual; zeroes its slice of ``zero_ptr``."""
+    mean, rstd = _row_stats(src_ptr, n, eps, SRC_BF16, BLOCK_D)
+    per = (n // 2 + n_prog - 1) // n_prog
+    pairs = pid * per + tl.arange(0, SLICE)
+    mask = (pairs < n // 2) & (pairs < (pid + 1) * per)
+    e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+    if SRC_BF16:
+        tl.store(res_ptr + 2 * pairs, e, mask=mask)
+        tl.store(res_ptr + 2 * pairs + 1, o, mask=mask)
+    ge = ((e - mean) * rstd * tl.load(gamma_ptr + 2 * pairs, mask=mask)
+          + tl.load(beta_ptr + 2 * pairs, mask=mask))
+    go = ((o - mean) * rstd * tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
+          + tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
+    tl.store(act_ptr + pairs, _pack_f16x2(ge, go), mask=mask)
+    _zero_slice(zero_ptr, n_zero, pid, n_prog, SLICE)
+
+
+@triton.jit
+def _zero_slice(ptr, n, pid, n_prog, SLICE: tl.constexpr):
+    """Zero this program's share of ptr[0:n] (an accumulator a later phase sums into)."""
+    per = (n + n_prog - 1) // n_prog
+    for start in range(0, per, SLICE):
+        offs = pid * per + start + tl.arange(0, SLICE)
+        tl.store(ptr + offs, tl.zeros((SLICE,), dtype=tl.float32), mask=(offs < n) & (offs < (pid + 1) * per))
+
+
+@triton.jit
+def _prep_pointwise(src_ptr, act_ptr, n, pid, n_prog, GELU: tl.constexpr, SLICE: tl.constexpr):
+    """src (fp32), through tanh-GELU when ``GELU``, → this program's slice of packed words."""
+    per = (n // 2 + n_prog - 1) // n_prog
+    for start in range(0, per, SLICE):
+        pairs = pid * per + start + tl.arange(0, SLICE)
+        mask = (pairs < n // 2) & (pairs < (pid + 1) * per)
+        e, o = _load_pairs(src_ptr, pairs, mask, False)
+        if GELU:
+            e = _gelu_tanh(e)
+            o = _gelu_tanh(o)
+        tl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
+
+
+@triton.jit
+def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog,
+                BLOCK_D: tl.constexpr, SLICE: tl.constexpr):
+    """Final LayerNorm of the residual → this program's slice of the bf16 output."""
+    mean, rstd = _row_stats(res_ptr, n, eps, False, BLOCK_D)
+    per = (n + n_prog - 1) // n_prog
+    offs = pid * per + tl.arange(0, SLICE)
+    mask = (offs < n) & (offs < (pid + 1) * per)
+    v = tl.load(res_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    y = (v - mean) * rstd * tl.load(gamma_ptr + offs, mask=mask) + tl.load(beta_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, y.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr):
+    """Grid-wide barrier: arrive (release), poll the counter until ``target`` programs have arrived,
+    then acquire. A poll past ``MAX_SPIN`` sets the error flag instead of hanging (a grid that is
+    not co-resident)."""
+    tl.debug_barrier()  # every thread's stores and atomics of the phase are issued
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    seen = tl.load(bar_ptr, volatile=True)
+    spins = 0
+    while (seen < target) & (spins < MAX_SPIN):
+        seen = tl.load(bar_ptr, volatile=True)
+        spins += 1
+    if seen < target:
+        tl.atomic_max(err_ptr, 1, sem="relaxed", scope="gpu")
+    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
+                       bar_ptr, err_ptr, n_layers, phase_begin, phase_end, eps,
+                       D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, SLICE: tl.constexpr, PF_CELLS: tl.constexpr,
+                       PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                       MAX_SPIN: tl.constexpr):
+    """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    GW: tl.constexpr = GROUP // 8
+    n_gemv = 4 * n_layers
+    if PF_AHEAD > 0:  # the first GEMVs of this launch: their weights start streaming right away
+        j0 = phase_begin // 2
+        for a in tl.static_range(PF_AHEAD):
+            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j0 + a, n_gemv, pid, n_prog, GW, BLOCK_N, PF_CELLS)
+    n_sync = 0
+    for ph in range(phase_begin, phase_end):
+        layer = ph // 8
+        kind = ph % 8
+        ln = vec_ptr + layer * 4 * D
+        if layer == n_layers:
+            _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_D, SLICE)
+        elif kind % 2 == 1:
+            j = ph // 2
+            if PF_AHEAD > 0:
+                _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j + PF_AHEAD, n_gemv, pid, n_prog, GW, BLOCK_N,
+                               PF_CELLS)
+            if kind == 1:
+                dst = qkv_ptr
+            elif kind == 5:
+                dst = f_ptr
+            else:
+                dst = res_ptr
+            _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, dst, j, pid, n_prog, GROUP, BLOCK_N,
+                        HAS_BIAS, USE_ASM)
+        elif kind == 0:
+            if layer == 0:
+                _prep_ln(x_ptr, res_ptr, ln, ln + D, act_ptr, f_ptr, D, FFN, eps, pid, n_prog, True,
+                         BLOCK_D, SLICE)
+            else:
+                _prep_ln(res_ptr, res_ptr, ln, ln + D, act_ptr, f_ptr, D, FFN, eps, pid, n_prog, False,
+                         BLOCK_D, SLICE)
+        elif kind == 4:
+            _prep_ln(res_ptr, res_ptr, ln + 2 * D, ln + 3 * D, act_ptr, qkv_ptr, D, 3 * D, eps, pid, n_prog,
+                     False, BLOCK_D, SLICE)
+        elif kind == 2:
+            _prep_pointwise(qkv_ptr + 2 * D, act_ptr, D, pid, n_prog, False, SLICE)
+        else:
+            _prep_pointwise(f_ptr, act_ptr, FFN, pid, n_prog, True, SLICE)
+        if ph + 1 < phase_end:
+            n_sync += 1
+            _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN)
+    if n_sync > 0:  # the last program out resets the counters for the next launch
+        tl.debug_barrier()
+        if tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
+            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")

@@ -1,0 +1,311 @@
+"""One kernel for the whole one-token forward of a quantized benchmark trunk (variant ``w4a16_fused_g128``).
+
+At batch 1 the per-Linear kernels leave two costs no matmul kernel can remove: the LayerNorm /
+GELU / residual / attention kernels between them (≈ 0.04 ms on the d-4096 trunk whatever the
+matmuls are, the same as its whole int4 bandwidth floor) and the ramp-up and tail of every launch,
+during which HBM idles. :class:`FusedTrunk` runs the forward as one persistent Triton launch
+(:mod:`daptq_ros.gpu._triton_fused`): one program per SM walks through the phases of every layer
+(LayerNorm → QKV GEMV → attention → O GEMV + residual → LayerNorm → FC1 GEMV → GELU → FC2 GEMV +
+residual) with grid-wide barriers between them, and prefetches each GEMV's int4 weights into L2
+one GEMV ahead, so weight streaming does not stop at the barriers.
+
+It computes what the ``w4a16_f16x2_g128`` variant computes — the same integers and scales, the
+same packed fp16x2 dot products, fp32 accumulation — and its float32 reference is that
+variant's. One token only (``B·L == 1``); any other shape runs the per-Linear f16x2 model it was
+built from. On the CPU (``TRITON_INTERPRET=1``) it runs one launch per phase, so the tests check
+the same kernel code without the barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from daptq_ros.gpu.linear import W4A16F16x2Linear, reference_model
+from daptq_ros.gpu.packing import Int4KMajorWeight
+from daptq_ros.gpu.trunk import Trunk
+
+log = logging.getLogger(__name__)
+
+FUSED_VARIANT = "w4a16_fused_g128"
+# The offset-binary word of eight zero weights (nibble 8 each), as int32: padding rows of a tile.
+_ZERO_WORD = -0x77777778
+_META_STRIDE = 8  # int64 fields per GEMV row of the meta table (_triton_fused.META_*)
+_MAX_SPIN = 1 << 22  # barrier polls (~1 s) before the kernel flags a non-resident grid
+_INTERPRET_PROGRAMS = 3  # programs per launch in the CPU interpreter (uneven cell splits on purpose)
+
+
+class FusionUnsupportedError(ValueError):
+    """The model cannot run as a fused trunk (shape, layer type or group size); the message says why."""
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch settings of the fused trunk kernel.
+
+    Args:
+        block_n: output rows per weight tile (a power of two dividing every Linear's out_features
+            is best; other sizes are padded with zero rows).
+        num_warps: warps per program.
+        programs_per_sm: co-resident programs per SM (1 or 2; checked against the compiled
+            kernel's registers before the first persistent launch).
+        pf_ahead: GEMVs whose weights are prefetched into L2 ahead of the current one (0 = none).
+        persistent: one launch with grid barriers; False launches once per phase (the ablation,
+            and what the CPU interpreter always does).
+    """
+
+    block_n: int = 128
+    num_warps: int = 8
+    programs_per_sm: int = 1
+    pf_ahead: int = 1
+    persistent: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.programs_per_sm not in (1, 2):
+            raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
+        if not 0 <= self.pf_ahead <= 2:
+            raise ValueError(f"pf_ahead must be 0, 1 or 2, got {self.pf_ahead}")
+
+
+def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-major words (K/8, N) and scales (K/G, N) → tile-major cells.
+
+    Returns words (N_tiles, K/8, block_n) int32 and scales (N_tiles, K/G, block_n) bf16, both
+    contiguous, so cell (tile t, group g) — the G/8 K-words × block_n rows of one group — is one
+    contiguous block and a tile's cells follow each other. N is padded to a multiple of
+    ``block_n`` with zero weights and zero scales.
+    """
+    words, scales = weight.words, weight.scales
+    kw, n = words.shape
+    n_tiles = math.ceil(n / block_n)
+    pad = n_tiles * block_n - n
+    if pad:
+        words = torch.cat([words, words.new_full((kw, pad), _ZERO_WORD)], dim=1)
+        scales = torch.cat([scales, scales.new_zeros((scales.shape[0], pad))], dim=1)
+    tiled_w = words.reshape(kw, n_tiles, block_n).permute(1, 0, 2).contiguous()
+    tiled_s = scales.reshape(scales.shape[0], n_tiles, block_n).permute(1, 0, 2).contiguous()
+    return tiled_w, tiled_s
+
+
+def _concat_kmajor(parts: list[W4A16F16x2Linear]) -> tuple[Int4KMajorWeight, torch.Tensor | None]:
+    """Separate q/k/v Linears as one (3d, d) weight (rows q, k, v) and bias."""
+    w = Int4KMajorWeight(torch.cat([p.words for p in parts], dim=1),
+                         torch.cat([p.scales for p in parts], dim=1), parts[0].group_size)
+    biases = [p.bias for p in parts]
+    return w, (torch.cat(biases) if all(b is not None for b in biases) else None)
+
+
+def _block_linears(block: nn.Module, name: str) -> list[tuple[Int4KMajorWeight, torch.Tensor | None]]:
+    """(weight, bias) of one block's QKV, O, FC1, FC2 (separate q/k/v concatenated)."""
+    names = ["qkv", "o", "fc1", "fc2"] if block.fused_qkv else ["q", "k", "v", "o", "fc1", "fc2"]
+    mods = {n: getattr(block, n) for n in names}
+    bad = {n: type(m).__name__ for n, m in mods.items() if not isinstance(m, W4A16F16x2Linear)}
+    if bad:
+        raise FusionUnsupportedError(f"{name}: every Linear must be W4A16F16x2Linear, got {bad}")
+    out = []
+    if block.fused_qkv:
+        out.append((mods["qkv"].qweight(), mods["qkv"].bias))
+    else:
+        out.append(_concat_kmajor([mods["q"], mods["k"], mods["v"]]))
+    out += [(mods[n].qweight(), mods[n].bias) for n in ("o", "fc1", "fc2")]
+    return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class FusedTrunk(nn.Module):
+    """A quantized :class:`~daptq_ros.gpu.trunk.Trunk` (every Linear ``W4A16F16x2Linear``, one
+    group size dividing d_model and ffn) run as one fused kernel for one token.
+
+    The tile-major weights, scales, LayerNorm/bias vectors and the GEMV table are this module's
+    buffers (what ``weight_nbytes`` counts); the per-Linear model it was built from is kept outside
+    the module tree for other shapes and the reference.
+    """
+
+    variant = FUSED_VARIANT
+
+    def __init__(self, trunk: Trunk, config: FusedConfig | None = None) -> None:
+        super().__init__()
+        if not isinstance(trunk, Trunk):
+            raise FusionUnsupportedError(
+                f"FusedTrunk takes a daptq_ros.gpu.trunk.Trunk, got {type(trunk).__name__}")
+        self.config = config or FusedConfig()
+        cfg = trunk.cfg
+        self.d_model, self.ffn, self.n_layers = cfg.d_model, cfg.ffn, cfg.n_layers
+        self.has_bias = cfg.bias
+        self.eps = float(trunk.norm.eps)
+        linears = [_block_linears(b, f"blocks.{i}") for i, b in enumerate(trunk.blocks)]
+        groups = {w.group_size for layer in linears for w, _ in layer}
+        if len(groups) != 1:
+            raise FusionUnsupportedError(f"all Linears must share one group size, got {sorted(groups)}")
+        self.group_size = groups.pop()
+        if self.group_size % 8 or self.group_size & (self.group_size - 1):
+            raise FusionUnsupportedError(f"group size must be a power of two >= 8, got {self.group_size}")
+        eps = {float(m.eps) for m in trunk.modules() if isinstance(m, nn.LayerNorm)}
+        if len(eps) != 1:
+            raise FusionUnsupportedError(f"all LayerNorms must share one eps, got {sorted(eps)}")
+        self._build_tables(trunk, linears)
+        object.__setattr__(self, "_inner", trunk)  # not a submodule: its buffers are not ours
+        self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._checked_residency: set[torch.device] = set()
+
+    @torch.no_grad()
+    def _build_tables(self, trunk: Trunk, linears: list) -> None:
+        d, bn = self.d_model, self.config.block_n
+        vecs = []
+        for block in trunk.blocks:
+            vecs += [block.norm1.weight, block.norm1.bias, block.norm2.weight, block.norm2.bias]
+        vecs += [trunk.norm.weight, trunk.norm.bias]
+        vec_off = (self.n_layers * 4 + 2) * d
+        words, scales, meta = [], [], []
+        w_off = s_off = 0
+        for layer in linears:
+            for w, bias in layer:
+                n, _ = w.shape
+                tw, ts = tile_kmajor(w, bn)
+                n_tiles, n_groups = tw.shape[0], ts.shape[1]
+                b_off = 0
+                if bias is not None:
+                    b_off = vec_off
+                    padded = bias.new_zeros(n_tiles * bn)
+                    padded[:n] = bias
+                    vecs.append(padded)
+                    vec_off += padded.numel()
+                meta.append([w_off, s_off, b_off, n_tiles, n_groups, n, 0, 0])
+                words.append(tw.reshape(-1))
+                scales.append(ts.reshape(-1))
+                w_off += tw.numel()
+                s_off += ts.numel()
+        self.register_buffer("words", torch.cat(words))
+        self.register_buffer("scales", torch.cat(scales))
+        self.register_buffer("vecs", torch.cat([v.reshape(-1).to(torch.float32) for v in vecs]))
+        self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64, device=self.words.device))
+
+    # ------------------------------------------------------------------ forward
+
+    def reference(self) -> nn.Module:
+        """float32 model computing the same quantized function (the f16x2 variant's reference)."""
+        return reference_model(self._inner)
+
+    @property
+    def inner(self) -> Trunk:
+        """The per-Linear f16x2 model this was built from (runs every shape but one token)."""
+        return self._inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, L, d) → (B, L, d); the fused kernel for B·L == 1, the per-Linear model otherwise."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"expected last dim {self.d_model}, got shape {tuple(x.shape)}")
+        if x.numel() != self.d_model:
+            return self._inner(x)
+        return self.run_fused(x)
+
+    def n_programs(self, device: torch.device) -> int:
+        """Programs per launch: one or two per SM on a GPU; a few in the CPU interpreter."""
+        if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return _INTERPRET_PROGRAMS
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return sms * self.config.programs_per_sm
+
+    def _scratch_for(self, device: torch.device) -> dict[str, torch.Tensor]:
+        s = self._scratch.get(device)
+        if s is None:
+            d, f = self.d_model, self.ffn
+            bn = self.config.block_n
+            z = lambda n, dt=torch.float32: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
+            s = {"res": z(d), "qkv": z(math.ceil(3 * d / bn) * bn), "f": z(math.ceil(f / bn) * bn),
+                 "act": z(max(d, f) // 2, torch.int32), "bar": z(2, torch.int32), "err": z(1, torch.int32)}
+            self._scratch[device] = s
+        return s
+
+    def _launch_args(self, device: torch.device) -> tuple[int, dict]:
+        p = self.n_programs(device)
+        cells = [int(t) * int(g) for t, g in self.meta[:, 3:5].tolist()]
+        on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        consts = {
+            "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
+            "BLOCK_D": _next_pow2(self.d_model),
+            "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
+            "PF_CELLS": _next_pow2(max(math.ceil(c / p) for c in cells) + 1),
+            "PF_AHEAD": self.config.pf_ahead if on_gpu else 0, "HAS_BIAS": self.has_bias,
+            "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "num_warps": self.config.num_warps,
+            "num_stages": 1,
+        }
+        return p, consts
+
+    @torch.no_grad()
+    def run_fused(self, x: torch.Tensor, persistent: bool | None = None) -> torch.Tensor:
+        """The fused forward of one token (any shape with d_model elements)."""
+        from daptq_ros.gpu import _triton_fused as tf
+
+        device = x.device
+        persistent = self.config.persistent if persistent is None else persistent
+        interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        if interpret:
+            persistent = False  # the interpreter runs programs one after another: a barrier would spin
+        if self.words.device != device:
+            raise ValueError(f"input on {device}, weights on {self.words.device}")
+        s = self._scratch_for(device)
+        p, consts = self._launch_args(device)
+        x1 = x.reshape(-1).to(torch.bfloat16).contiguous()
+        out = torch.empty(self.d_model, dtype=torch.bfloat16, device=device)
+        n_phases = 8 * self.n_layers + 1
+        args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
+                s["bar"], s["err"], self.n_layers)
+        if persistent:
+            self._check_residency(tf, device, args, p, consts, n_phases)
+            tf.fused_trunk_kernel[(p,)](*args, 0, n_phases, self.eps, **consts)
+        else:
+            for ph in range(n_phases):
+                tf.fused_trunk_kernel[(p,)](*args, ph, ph + 1, self.eps, **consts)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if persistent and not capturing and int(s["err"].item()):
+            self._reset(device)
+            raise RuntimeError(f"fused trunk: a grid barrier timed out — not all {p} programs were resident "
+                               "(another kernel or process holding SMs?); scratch buffers were reset")
+        return out.view(x.shape).to(x.dtype)
+
+    def _reset(self, device: torch.device) -> None:
+        for t in self._scratch_for(device).values():
+            t.zero_()
+
+    def _check_residency(self, tf, device: torch.device, args: tuple, p: int, consts: dict,
+                         n_phases: int) -> None:
+        """Refuse a persistent launch whose programs could not all be resident at once (a grid
+        barrier would then wait for programs that never start)."""
+        if device in self._checked_residency:
+            return
+        kernel = tf.fused_trunk_kernel.warmup(*args, 0, n_phases, self.eps, grid=(p,), **consts)
+        if hasattr(kernel, "_init_handles"):
+            kernel._init_handles()  # loads the cubin: n_regs is known from here on
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * consts["num_warps"]
+        regs = int(getattr(kernel, "n_regs", 0) or 255)  # unknown: assume the worst
+        per_sm = min(65536 // (math.ceil(regs / 8) * 8 * threads), 2048 // threads)
+        smem = int(kernel.metadata.shared) if hasattr(kernel, "metadata") else 0
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 0)
+        if smem and smem_sm:
+            per_sm = min(per_sm, smem_sm // smem)
+        log.info("fused trunk kernel: %d registers/thread, %d B shared, %d program(s)/SM fit, %d launched",
+                 regs, smem, per_sm, p)
+        if per_sm * props.multi_processor_count < p:
+            raise RuntimeError(f"fused trunk: {p} programs cannot all be resident ({per_sm}/SM × "
+                               f"{props.multi_processor_count} SMs at {regs} registers/thread); "
+                               "use programs_per_sm=1 or fewer warps")
+        self._checked_residency.add(device)
+
+
+def fuse_trunk(model: nn.Module, config: FusedConfig | None = None) -> FusedTrunk:
+    """:class:`FusedTrunk` of an f16x2-quantized trunk (see :func:`daptq_ros.gpu.linear.quantize_model`)."""
+    return FusedTrunk(model, config)
