@@ -136,4 +136,4 @@ def test_w8a8_module_falls_back_to_torch_ops(monkeypatch):
 
 def test_variant_names_are_stable():
     assert VARIANTS == ("bf16", "w4a16_g128", "w8a16", "w4a16_g64", "torch_int4_g128", "w8a8_intmm",
-                        "w4a16_f16x2_g128")
+                        "w4a16_f16x2_g128", "w4a16_fused_g128")

@@ -71,10 +71,13 @@ def _pack_f16x2(even, odd):
 
 
 @triton.jit
-def _l2_prefetch(ptrs, nbytes):
-    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (multiple of 16) at each 16-byte-aligned pointer."""
-    return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;",
-                                     "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+def _l2_prefetch(ptrs, nbytes, active):
+    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (multiple of 16) at each 16-byte-aligned pointer
+    whose ``active`` flag is set (one element per thread: no replicated requests)."""
+    return tl.inline_asm_elementwise(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n"
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+        "=r,l,r,r", [ptrs, nbytes, active], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -87,18 +90,29 @@ def _cell_range(meta_ptr, j, pid, n_prog):
 
 
 @triton.jit
+def _prefetch_range(base, nbytes, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr):
+    """Bulk-prefetch ``nbytes`` (a multiple of 16) from ``base`` into L2 as ``PF_CHUNKS`` requests,
+    issued by the first threads of the program."""
+    chunk = (nbytes + 16 * PF_CHUNKS - 1) // (16 * PF_CHUNKS) * 16
+    idx = tl.arange(0, THREADS)
+    start = tl.minimum(idx * chunk, nbytes - 16)
+    active = (idx < PF_CHUNKS) & (idx * chunk < nbytes)
+    _l2_prefetch(base.to(tl.pointer_type(tl.int8)) + start, tl.maximum(tl.minimum(chunk, nbytes - start), 16),
+                 active.to(tl.int32))
+
+
+@triton.jit
 def _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j, n_gemv, pid, n_prog,
-                   GW: tl.constexpr, BLOCK_N: tl.constexpr, PF_CELLS: tl.constexpr):
+                   GW: tl.constexpr, BLOCK_N: tl.constexpr, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr):
     """Bulk-prefetch this program's weight and scale cells of GEMV ``j`` into L2 (no-op past the end)."""
     if j < n_gemv:
         row = meta_ptr + j * META_STRIDE
         _, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
         if c1 > c0:
-            cells = tl.minimum(c0 + tl.arange(0, PF_CELLS), c1 - 1)
-            w_cells = w_ptr + tl.load(row + META_W) + cells * (GW * BLOCK_N)
-            s_cells = s_ptr + tl.load(row + META_S) + cells * BLOCK_N
-            _l2_prefetch(w_cells, tl.full([PF_CELLS], GW * BLOCK_N * 4, tl.int32))
-            _l2_prefetch(s_cells, tl.full([PF_CELLS], BLOCK_N * 2, tl.int32))
+            w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16) + c0 * (GW * BLOCK_N)
+            s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16) + c0 * BLOCK_N
+            _prefetch_range(w_base, (c1 - c0) * (GW * BLOCK_N * 4), THREADS, PF_CHUNKS)
+            _prefetch_range(s_base, (c1 - c0) * (BLOCK_N * 2), THREADS, PF_CHUNKS)
 
 
 @triton.jit
@@ -113,26 +127,45 @@ def _cell_loads(w_base, act_ptr, c, n_groups, offs_w, offs_c, GW: tl.constexpr, 
 
 @triton.jit
 def _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
-                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                DEPTH: tl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile)."""
     GW: tl.constexpr = GROUP // 8
     row = meta_ptr + j * META_STRIDE
     n_out = tl.load(row + META_N).to(tl.int32)
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
-    w_base = w_ptr + tl.load(row + META_W)
-    s_base = s_ptr + tl.load(row + META_S)
-    b_base = vec_ptr + tl.load(row + META_BIAS)
+    w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16)  # the host aligns every offset to 16
+    s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16)
+    b_base = vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16)
     offs_c = tl.arange(0, GW)
     offs_n = tl.arange(0, BLOCK_N)
     offs_w = offs_c[:, None] * BLOCK_N + offs_n[None, :]
     acc = tl.zeros((GW, BLOCK_N), dtype=tl.float32)
     extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c0, tl.maximum(c1 - 1, 0)), n_groups,
-                                     offs_w, offs_c, GW, BLOCK_N)
+    last = tl.maximum(c1 - 1, 0)
+    nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c0, last), n_groups, offs_w, offs_c, GW,
+                                     BLOCK_N)
+    if DEPTH >= 2:
+        mu, m0, m1, m2, m3 = _cell_loads(w_base, act_ptr, tl.minimum(c0 + 1, last), n_groups, offs_w, offs_c,
+                                         GW, BLOCK_N)
+    if DEPTH == 3:
+        ku, k0, k1, k2, k3 = _cell_loads(w_base, act_ptr, tl.minimum(c0 + 2, last), n_groups, offs_w, offs_c,
+                                         GW, BLOCK_N)
     for c in range(c0, c1):
-        u, a0, a1, a2, a3 = nu, n0, n1, n2, n3  # register double buffer: cell c + 1 loads go out first
-        nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 1, c1 - 1), n_groups, offs_w,
-                                         offs_c, GW, BLOCK_N)
+        # register ring: the loads of the next DEPTH cells are in flight while cell c is computed
+        u, a0, a1, a2, a3 = nu, n0, n1, n2, n3
+        if DEPTH == 3:
+            nu, n0, n1, n2, n3 = mu, m0, m1, m2, m3
+            mu, m0, m1, m2, m3 = ku, k0, k1, k2, k3
+            ku, k0, k1, k2, k3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 3, last), n_groups, offs_w,
+                                             offs_c, GW, BLOCK_N)
+        elif DEPTH == 2:
+            nu, n0, n1, n2, n3 = mu, m0, m1, m2, m3
+            mu, m0, m1, m2, m3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 2, last), n_groups, offs_w,
+                                             offs_c, GW, BLOCK_N)
+        else:
+            nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 1, last), n_groups, offs_w,
+                                             offs_c, GW, BLOCK_N)
         x0, y0 = _f16x2_words_to_pair(a0, USE_ASM)
         x1, y1 = _f16x2_words_to_pair(a1, USE_ASM)
         x2, y2 = _f16x2_words_to_pair(a2, USE_ASM)
@@ -249,22 +282,30 @@ def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr):
     not co-resident)."""
     tl.debug_barrier()  # every thread's stores and atomics of the phase are issued
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    seen = tl.load(bar_ptr, volatile=True)
+    seen = _load_acquire(bar_ptr)
     spins = 0
     while (seen < target) & (spins < MAX_SPIN):
-        seen = tl.load(bar_ptr, volatile=True)
+        seen = _load_acquire(bar_ptr)
         spins += 1
     if seen < target:
         tl.atomic_max(err_ptr, 1, sem="relaxed", scope="gpu")
-    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def _load_acquire(ptr):
+    """``ld.acquire.gpu`` of one int32 by every thread: later loads see what the releasing programs wrote."""
+    v = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
+                                  [ptr + tl.zeros([1], tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.max(v, axis=0)
 
 
 @triton.jit
 def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
                        bar_ptr, err_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, SLICE: tl.constexpr, PF_CELLS: tl.constexpr,
+                       BLOCK_D: tl.constexpr, SLICE: tl.constexpr, THREADS: tl.constexpr,
+                       PF_CHUNKS: tl.constexpr, DEPTH: tl.constexpr,
                        PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring)."""
@@ -275,7 +316,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
     if PF_AHEAD > 0:  # the first GEMVs of this launch: their weights start streaming right away
         j0 = phase_begin // 2
         for a in tl.static_range(PF_AHEAD):
-            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j0 + a, n_gemv, pid, n_prog, GW, BLOCK_N, PF_CELLS)
+            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j0 + a, n_gemv, pid, n_prog, GW, BLOCK_N, THREADS,
+                           PF_CHUNKS)
     n_sync = 0
     for ph in range(phase_begin, phase_end):
         layer = ph // 8
@@ -287,7 +329,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             j = ph // 2
             if PF_AHEAD > 0:
                 _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j + PF_AHEAD, n_gemv, pid, n_prog, GW, BLOCK_N,
-                               PF_CELLS)
+                               THREADS, PF_CHUNKS)
             if kind == 1:
                 dst = qkv_ptr
             elif kind == 5:
@@ -295,7 +337,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             else:
                 dst = res_ptr
             _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, dst, j, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM)
+                        HAS_BIAS, USE_ASM, DEPTH)
         elif kind == 0:
             if layer == 0:
                 _prep_ln(x_ptr, res_ptr, ln, ln + D, act_ptr, f_ptr, D, FFN, eps, pid, n_prog, True,

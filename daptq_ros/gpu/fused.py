@@ -55,14 +55,18 @@ class FusedConfig:
         programs_per_sm: co-resident programs per SM (1 or 2; checked against the compiled
             kernel's registers before the first persistent launch).
         pf_ahead: GEMVs whose weights are prefetched into L2 ahead of the current one (0 = none).
+        pf_chunks: bulk-prefetch requests per program and GEMV (≤ 32 × num_warps).
+        depth: cells whose register loads are in flight ahead of the one being computed (1 to 3).
         persistent: one launch with grid barriers; False launches once per phase (the ablation,
             and what the CPU interpreter always does).
     """
 
-    block_n: int = 128
+    block_n: int = 256
     num_warps: int = 8
     programs_per_sm: int = 1
     pf_ahead: int = 1
+    pf_chunks: int = 8
+    depth: int = 2
     persistent: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +78,10 @@ class FusedConfig:
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
         if not 0 <= self.pf_ahead <= 2:
             raise ValueError(f"pf_ahead must be 0, 1 or 2, got {self.pf_ahead}")
+        if not 1 <= self.pf_chunks <= 32 * self.num_warps:
+            raise ValueError(f"pf_chunks must be in [1, {32 * self.num_warps}], got {self.pf_chunks}")
+        if self.depth not in (1, 2, 3):
+            raise ValueError(f"depth must be 1, 2 or 3, got {self.depth}")
 
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +199,7 @@ class FusedTrunk(nn.Module):
         self.register_buffer("scales", torch.cat(scales))
         self.register_buffer("vecs", torch.cat([v.reshape(-1).to(torch.float32) for v in vecs]))
         self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64, device=self.words.device))
+        self._cells = [row[3] * row[4] for row in meta]  # host copy: no device read at launch time
 
     # ------------------------------------------------------------------ forward
 
@@ -231,13 +240,13 @@ class FusedTrunk(nn.Module):
 
     def _launch_args(self, device: torch.device) -> tuple[int, dict]:
         p = self.n_programs(device)
-        cells = [int(t) * int(g) for t, g in self.meta[:, 3:5].tolist()]
         on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
         consts = {
             "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
             "BLOCK_D": _next_pow2(self.d_model),
             "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
-            "PF_CELLS": _next_pow2(max(math.ceil(c / p) for c in cells) + 1),
+            "THREADS": 32 * self.config.num_warps, "PF_CHUNKS": self.config.pf_chunks,
+            "DEPTH": self.config.depth,
             "PF_AHEAD": self.config.pf_ahead if on_gpu else 0, "HAS_BIAS": self.has_bias,
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "num_warps": self.config.num_warps,
             "num_stages": 1,

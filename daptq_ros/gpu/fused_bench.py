@@ -36,15 +36,17 @@ log = logging.getLogger("daptq_ros.gpu.fused_bench")
 TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda: vla_trunk_config(6),
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
-# One change at a time from the default, plus the stepwise launch of the default.
+# One change at a time from the default, plus the per-phase launch of the default.
 GRID = [BASE, replace(BASE, persistent=False), replace(BASE, pf_ahead=0), replace(BASE, pf_ahead=2),
-        replace(BASE, block_n=64), replace(BASE, block_n=256), replace(BASE, num_warps=4),
-        replace(BASE, num_warps=4, programs_per_sm=2), replace(BASE, num_warps=16)]
+        replace(BASE, pf_chunks=1), replace(BASE, pf_chunks=64), replace(BASE, depth=1),
+        replace(BASE, depth=1, pf_ahead=0), replace(BASE, block_n=128),
+        replace(BASE, block_n=128, num_warps=4, programs_per_sm=2), replace(BASE, block_n=512, num_warps=16),
+        replace(BASE, block_n=512, depth=1), replace(BASE, depth=3), replace(BASE, depth=3, pf_ahead=0)]
 
 
 def _label(cfg: FusedConfig) -> str:
-    return (f"{'persistent' if cfg.persistent else 'per-phase'} pf{cfg.pf_ahead} n{cfg.block_n} "
-            f"w{cfg.num_warps}x{cfg.programs_per_sm}")
+    return (f"{'persistent' if cfg.persistent else 'per-phase'} pf{cfg.pf_ahead}/{cfg.pf_chunks} "
+            f"n{cfg.block_n} d{cfg.depth} w{cfg.num_warps}x{cfg.programs_per_sm}")
 
 
 def _time(fn, inputs, dev, replays: int) -> dict[str, float]:
@@ -52,7 +54,8 @@ def _time(fn, inputs, dev, replays: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_trunk(name: str, dev: torch.device, bw_gbs: float, replays: int, grid: list[FusedConfig]) -> list[dict]:
+def run_trunk(name: str, dev: torch.device, bw_gbs: float, replays: int,
+              grid: list[FusedConfig]) -> list[dict]:
     """All rows of one trunk (errors recorded per row, never raised)."""
     from daptq_ros.gpu.trunk import build_trunk
 
@@ -102,9 +105,12 @@ def run_trunk(name: str, dev: torch.device, bw_gbs: float, replays: int, grid: l
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | variant | ms | × bf16 | × floor | floor ms | rel err |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | ms | × bf16 | × floor | floor ms | rel err |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda k, s: "–" if r.get(k) is None else format(r[k], s)  # noqa: E731
+        def f(key: str, spec: str, r: dict = r) -> str:
+            return "–" if r.get(key) is None else format(r[key], spec)
+
         lines.append(f"| {r['model']} | {r['variant']} | {f('trunk_ms', '.4f')} | {f('speedup', '.2f')} | "
                      f"{f('x_floor', '.2f')} | {f('floor_ms', '.4f')} | {f('rel_err', '.1e')} |"
                      + (f" {r['error'][:60]}" if r.get("error") else ""))
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ablation; prints a markdown table and writes JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m daptq_ros.gpu.fused_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m daptq_ros.gpu.fused_bench",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the rows")
     p.add_argument("--trunks", nargs="+", default=["trunk-315m-d4096"], choices=sorted(TRUNKS))
     p.add_argument("--replays", type=int, default=400, help="timed graph replays per row")
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_trunk(name, dev, ceilings["bw_gbs"], args.replays, grid)
         torch.cuda.empty_cache()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "ceilings": ceilings, "rows": rows}, indent=1, default=str))
+    doc = {"machine": info, "ceilings": ceilings, "rows": rows}
+    args.json.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nMachine: {info.get('gpu')} | torch {info['torch']} | triton {info.get('triton')} | "
           f"floor at {ceilings['bw_gbs']:.0f} GB/s\n")
     print(_table(rows), flush=True)

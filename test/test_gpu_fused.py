@@ -1,0 +1,172 @@
+"""The fused one-token trunk kernel (daptq_ros.gpu.fused): layout, correctness, errors, the
+benchmark wiring, and the sm_90 compile of the persistent kernel (grid barrier, L2 bulk prefetch,
+vectorized weight loads). Without a GPU the kernel runs in Triton's interpreter, one launch per
+phase; with one (``TRITON_INTERPRET=0``) as the persistent launch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gpu_kernels import DEV, compile_report
+
+from daptq_ros.gpu import bench
+from daptq_ros.gpu.fused import FusedConfig, FusedTrunk, FusionUnsupportedError, tile_kmajor
+from daptq_ros.gpu.linear import quantize_model, reference_model, weight_nbytes
+from daptq_ros.gpu.packing import Int4KMajorWeight, pack_int4_kmajor, relative_error
+from daptq_ros.gpu.trunk import TrunkConfig, build_trunk
+
+
+def _trunk(bias: bool = False, fused_qkv: bool = True, ffn: int = 384, layers: int = 2):
+    cfg = TrunkConfig(name="t", d_model=256, n_layers=layers, n_heads=2, ffn=ffn, fused_qkv=fused_qkv,
+                      bias=bias)
+    return build_trunk(cfg, DEV, std=0.05)
+
+
+def _f16x2(model):
+    q, report = quantize_model(model, "w4a16_f16x2_g128")
+    assert not report.kept_float
+    return q
+
+
+def test_tile_kmajor_puts_each_cell_in_one_contiguous_block():
+    gen = torch.Generator().manual_seed(0)
+    n, k, group, bn = 40, 256, 128, 16  # 40 rows: the last tile is half padding
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(k // group, n, generator=gen).to(torch.bfloat16)
+    w = Int4KMajorWeight(pack_int4_kmajor(q), scales, group)
+    tw, ts = tile_kmajor(w, bn)
+    assert tw.shape == (3, k // 8, bn) and ts.shape == (3, k // group, bn)
+    assert tw.is_contiguous() and ts.is_contiguous()
+    flat = tw.reshape(-1)
+    gw = group // 8
+    for t in range(3):
+        for g in range(k // group):
+            cell = flat[(t * (k // group) + g) * gw * bn:][: gw * bn].reshape(gw, bn)
+            cols = slice(t * bn, min((t + 1) * bn, n))
+            width = cols.stop - cols.start
+            assert torch.equal(cell[:, :width], w.words[g * gw:(g + 1) * gw, cols])
+            assert torch.equal(ts[t, g, :width], w.scales[g, cols])
+    pad = tw[2, :, 8:]  # rows 40..47: eight zero weights per word (offset binary 8)
+    assert torch.equal(Int4KMajorWeight(pad.contiguous(), ts[2, :, 8:].contiguous(), group).unpacked(),
+                       torch.zeros(8, k, dtype=torch.int8))
+    assert torch.count_nonzero(ts[2, :, 8:]) == 0
+
+
+@pytest.mark.parametrize("bias,fused_qkv,block_n,depth",
+                         [(False, True, 256, 2), (True, False, 64, 1), (False, True, 128, 3)])
+def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, depth):
+    # ffn = 384 is not a multiple of 256: the padded tile rows must not leak into the output;
+    # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries
+    q = _f16x2(_trunk(bias=bias, fused_qkv=fused_qkv))
+    fused = FusedTrunk(q, FusedConfig(block_n=block_n, depth=depth))
+    ref = fused.reference()
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    for i in range(2):  # the second call checks that the accumulators were left zeroed
+        x = torch.randn(1, 1, 256, generator=gen, device=DEV).to(torch.bfloat16)
+        y = fused(x)
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+        r = ref(x.float())
+        err = relative_error(y.float(), r)
+        assert err < 1e-2, (i, err)
+        # the per-Linear f16x2 model computes the same function
+        assert relative_error(y.float(), q(x).float()) < 1e-2
+
+
+def test_fused_trunk_detects_a_wrong_weight():
+    q = _f16x2(_trunk())
+    fused = FusedTrunk(q)
+    x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
+    good = fused(x).float()
+    with torch.no_grad():
+        fused.words[: fused.words.numel() // 2] ^= 0x11111111  # one bit of every nibble, half the words
+    assert relative_error(fused(x).float(), good) > 5e-2
+
+
+def test_other_shapes_run_the_per_linear_model():
+    q = _f16x2(_trunk())
+    fused = FusedTrunk(q)
+    x = torch.randn(1, 3, 256, device=DEV).to(torch.bfloat16)
+    assert torch.equal(fused(x), q(x))
+    with pytest.raises(ValueError, match="last dim 256"):
+        fused(torch.zeros(1, 1, 128, dtype=torch.bfloat16, device=DEV))
+
+
+def test_unsupported_models_are_refused_with_the_reason():
+    with pytest.raises(FusionUnsupportedError, match="Trunk"):
+        FusedTrunk(torch.nn.Linear(4, 4))  # type: ignore[arg-type]
+    with pytest.raises(FusionUnsupportedError, match="W4A16F16x2Linear"):
+        FusedTrunk(_trunk())  # not quantized
+    small = build_trunk(TrunkConfig(name="s", d_model=64, n_layers=1, n_heads=2, ffn=256), DEV)
+    with pytest.raises(FusionUnsupportedError, match="one group size"):
+        quantize_model(small, "w4a16_fused_g128")  # K = 64 falls back to group 64, fc2 keeps 128
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
+    ({"programs_per_sm": 3}, "programs_per_sm"), ({"pf_ahead": 3}, "pf_ahead"), ({"depth": 4}, "depth"),
+    ({"pf_chunks": 0}, "pf_chunks")])
+def test_config_validation_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedConfig(**kwargs)
+
+
+def test_benchmark_wiring_counts_the_weights_once():
+    base = _trunk()
+    fused, report = quantize_model(base, "w4a16_fused_g128")
+    assert isinstance(fused, FusedTrunk) and report.variant == "w4a16_fused_g128" and report.quantized
+    f16x2 = fused.inner
+    # with tiles dividing every N (block_n 128, ffn 384): the same integers and scales as the
+    # per-Linear model, LN vectors in fp32 instead of bf16, and the GEMV table; the inner
+    # model's buffers are not counted twice
+    unpadded = FusedTrunk(f16x2, FusedConfig(block_n=128))
+    n_vec = (4 * 2 + 2) * 256
+    assert weight_nbytes(unpadded) - weight_nbytes(f16x2) == n_vec * (4 - 2) + unpadded.meta.numel() * 8
+    ref = reference_model(fused)
+    x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
+    assert torch.equal(ref(x.float()), reference_model(f16x2)(x.float()))
+    assert bench._compiled(fused) is fused  # already one kernel: not handed to Inductor
+
+
+_COMPILE_BODY = r"""
+import os, subprocess
+from daptq_ros.gpu import _triton_fused as tf
+sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "vec_ptr": "*fp32",
+       "meta_ptr": "*i64", "res_ptr": "*fp32", "qkv_ptr": "*fp32", "f_ptr": "*fp32", "act_ptr": "*i32",
+       "bar_ptr": "*i32", "err_ptr": "*i32", "n_layers": "i32", "phase_begin": "i32", "phase_end": "i32",
+       "eps": "fp32"}
+k = comp(tf.fused_trunk_kernel, sig,
+         {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "SLICE": 128,
+          "THREADS": 256, "PF_CHUNKS": 8, "DEPTH": 2, "PF_AHEAD": 1, "HAS_BIAS": False, "USE_ASM": True,
+          "MAX_SPIN": 1 << 22},
+         8, num_stages=1)
+ptx = k.asm["ptx"]
+out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),
+       "release": len(re.findall(r"red\.global\.gpu\.release\.add", ptx)),
+       "f32_red": len(re.findall(r"red\.global\.gpu\.relaxed\.add\.f32", ptx)),
+       "hfma2": ptx.count("fma.rn.f16x2")}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if os.path.exists(BIN):
+    path = os.path.join(os.environ["SASS_DIR"], "fused.cubin")
+    with open(path, "wb") as f:
+        f.write(k.asm["cubin"])
+    sass = subprocess.run([BIN, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([BIN, "--dump-resource-usage", path], capture_output=True, text=True,
+                         check=True).stdout
+    out["ldg_ef128"] = len(re.findall(r"LDG\.E\.EF\.128", sass))
+    out["ldg_ef32"] = len(re.findall(r"LDG\.E\.EF\s", sass))
+    out["local"] = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    out["regs"] = int(re.search(r"REG:(\d+)", res).group(1))
+print(json.dumps(out))
+"""
+
+
+def test_persistent_kernel_compiles_for_hopper(tmp_path, monkeypatch):
+    monkeypatch.setenv("SASS_DIR", str(tmp_path))
+    r = compile_report(_COMPILE_BODY)
+    assert r["prefetch"] >= 2  # weights and scales of the next GEMV
+    assert r["acquire"] >= 1 and r["release"] >= 1  # the grid barrier
+    assert r["f32_red"] >= 1  # partial tile sums as fire-and-forget fp32 reductions
+    assert r["hfma2"] >= 4
+    if "regs" in r:
+        assert r["ldg_ef128"] >= 3 and r["ldg_ef32"] == 0  # weight cells: 16-byte loads only
+        assert r["local"] == 0 and r["regs"] <= 255
