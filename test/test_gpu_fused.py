@@ -104,7 +104,7 @@ def test_unsupported_models_are_refused_with_the_reason():
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
     ({"programs_per_sm": 3}, "programs_per_sm"), ({"pf_ahead": 3}, "pf_ahead"), ({"depth": 4}, "depth"),
-    ({"pf_chunks": 0}, "pf_chunks")])
+    ({"pf_chunks": -1}, "pf_chunks")])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedConfig(**kwargs)

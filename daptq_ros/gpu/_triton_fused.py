@@ -91,14 +91,27 @@ def _cell_range(meta_ptr, j, pid, n_prog):
 
 @triton.jit
 def _prefetch_range(base, nbytes, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr):
-    """Bulk-prefetch ``nbytes`` (a multiple of 16) from ``base`` into L2 as ``PF_CHUNKS`` requests,
-    issued by the first threads of the program."""
-    chunk = (nbytes + 16 * PF_CHUNKS - 1) // (16 * PF_CHUNKS) * 16
+    """Prefetch ``nbytes`` (a multiple of 128) from ``base`` into L2: ``PF_CHUNKS`` bulk requests
+    issued by the first threads of the program, or with ``PF_CHUNKS`` 0 one
+    ``prefetch.global.L2::evict_last`` per 128-byte line from every thread."""
+    base8 = base.to(tl.pointer_type(tl.int8))
     idx = tl.arange(0, THREADS)
-    start = tl.minimum(idx * chunk, nbytes - 16)
-    active = (idx < PF_CHUNKS) & (idx * chunk < nbytes)
-    _l2_prefetch(base.to(tl.pointer_type(tl.int8)) + start, tl.maximum(tl.minimum(chunk, nbytes - start), 16),
-                 active.to(tl.int32))
+    if PF_CHUNKS == 0:
+        n_lines = nbytes // 128
+        for i in range(0, n_lines, THREADS):
+            _l2_prefetch_line(base8 + tl.minimum(i + idx, n_lines - 1) * 128)
+    else:
+        chunk = (nbytes + 16 * PF_CHUNKS - 1) // (16 * PF_CHUNKS) * 16
+        start = tl.minimum(idx * chunk, nbytes - 16)
+        active = (idx < PF_CHUNKS) & (idx * chunk < nbytes)
+        _l2_prefetch(base8 + start, tl.maximum(tl.minimum(chunk, nbytes - start), 16), active.to(tl.int32))
+
+
+@triton.jit
+def _l2_prefetch_line(ptrs):
+    """``prefetch.global.L2::evict_last`` of the 128-byte line at each pointer."""
+    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -55,7 +55,8 @@ class FusedConfig:
         programs_per_sm: co-resident programs per SM (1 or 2; checked against the compiled
             kernel's registers before the first persistent launch).
         pf_ahead: GEMVs whose weights are prefetched into L2 ahead of the current one (0 = none).
-        pf_chunks: bulk-prefetch requests per program and GEMV (≤ 32 × num_warps).
+        pf_chunks: bulk-prefetch requests per program and GEMV (≤ 32 × num_warps); 0 prefetches
+            line by line (``prefetch.global.L2``) from every thread instead.
         depth: cells whose register loads are in flight ahead of the one being computed (1 to 3).
         persistent: one launch with grid barriers; False launches once per phase (the ablation,
             and what the CPU interpreter always does).
@@ -78,8 +79,8 @@ class FusedConfig:
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
         if not 0 <= self.pf_ahead <= 2:
             raise ValueError(f"pf_ahead must be 0, 1 or 2, got {self.pf_ahead}")
-        if not 1 <= self.pf_chunks <= 32 * self.num_warps:
-            raise ValueError(f"pf_chunks must be in [1, {32 * self.num_warps}], got {self.pf_chunks}")
+        if not 0 <= self.pf_chunks <= 32 * self.num_warps:
+            raise ValueError(f"pf_chunks must be in [0, {32 * self.num_warps}], got {self.pf_chunks}")
         if self.depth not in (1, 2, 3):
             raise ValueError(f"depth must be 1, 2 or 3, got {self.depth}")
 
