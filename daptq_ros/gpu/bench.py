@@ -295,6 +295,8 @@ def run_model(spec: ModelSpec, settings: Settings, bw_gbs: float, tflops: float)
                              "error": "the fused trunk kernel runs one token (M = 1) only"})
                 continue
             row = {**common, "M": m, "weight_bytes": wbytes, "quant": qrep.to_dict(),
+                   **({"fused_config": vars(model.config), "fused_tuning": model.tuning}
+                      if isinstance(model, FusedTrunk) else {}),
                    "compiled": timed is not model,
                    "floor_ms": report.bandwidth_floor_ms(wbytes, bw_gbs),
                    "compute_floor_ms": report.compute_floor_ms(m, spec.linear_params, tflops)}

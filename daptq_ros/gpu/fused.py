@@ -167,6 +167,7 @@ class FusedTrunk(nn.Module):
         self._build_tables(trunk, linears)
         object.__setattr__(self, "_inner", trunk)  # not a submodule: its buffers are not ours
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.tuning: list[dict] = []  # fuse_trunk's candidate timings, when it chose the config
         self._checked_residency: set[torch.device] = set()
 
     @torch.no_grad()
@@ -316,6 +317,51 @@ class FusedTrunk(nn.Module):
         self._checked_residency.add(device)
 
 
-def fuse_trunk(model: nn.Module, config: FusedConfig | None = None) -> FusedTrunk:
-    """:class:`FusedTrunk` of an f16x2-quantized trunk (see :func:`daptq_ros.gpu.linear.quantize_model`)."""
-    return FusedTrunk(model, config)
+# What fuse_trunk times on a GPU when no config is given (the default first).
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(depth=3), FusedConfig(pf_ahead=0),
+                   FusedConfig(depth=3, pf_ahead=0), FusedConfig(block_n=128, depth=3),
+                   FusedConfig(block_n=512, num_warps=16))
+_TUNE_REL_ERR_MAX = 2e-2
+
+
+@torch.no_grad()
+def fuse_trunk(model: nn.Module, config: FusedConfig | None = None,
+               candidates: tuple[FusedConfig, ...] = TUNE_CANDIDATES, replays: int = 50) -> FusedTrunk:
+    """:class:`FusedTrunk` of an f16x2-quantized trunk (see :func:`daptq_ros.gpu.linear.quantize_model`).
+
+    Without ``config``, on a GPU running compiled Triton, each candidate is checked against the
+    per-Linear model on a random token (relative error ≤ 2e-2, else skipped) and timed as CUDA-graph
+    replays; the fastest is returned, with every timing in its ``tuning`` attribute. Elsewhere (the
+    CPU interpreter) the default config is used.
+    """
+    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    if config is not None or not on_gpu or not isinstance(model, Trunk) or model.norm.weight.device.type != "cuda":
+        return FusedTrunk(model, config)  # (refuses a model that is not a quantized Trunk)
+    device = model.norm.weight.device
+    from daptq_ros.gpu import timing
+    from daptq_ros.gpu.packing import relative_error
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 1, model.cfg.d_model, device=device, generator=gen).to(torch.bfloat16)
+    ref = model(x).float()
+    best: tuple[float, FusedTrunk] | None = None
+    records = []
+    for cand in candidates:
+        rec: dict = {"config": cand.__dict__.copy()}
+        try:
+            fused = FusedTrunk(model, cand)
+            rec["rel_err"] = relative_error(fused(x).float(), ref)
+            if rec["rel_err"] > _TUNE_REL_ERR_MAX:
+                rec["rejected"] = "error"
+            else:
+                rec["ms"] = timing.time_graphs(fused, [x], device, replays=replays, warmup=5)["median_ms"]
+                if best is None or rec["ms"] < best[0]:
+                    best = (rec["ms"], fused)
+        except Exception as exc:  # a candidate that does not fit (registers, residency) is skipped
+            rec["rejected"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        records.append(rec)
+        log.info("fused trunk candidate %s: %s", cand, rec)
+    if best is None:
+        raise RuntimeError(f"no fused trunk config passed its check: {records}")
+    best[1].tuning = records
+    return best[1]
