@@ -335,7 +335,8 @@ def fuse_trunk(model: nn.Module, config: FusedConfig | None = None,
     CPU interpreter) the default config is used.
     """
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-    if config is not None or not on_gpu or not isinstance(model, Trunk) or model.norm.weight.device.type != "cuda":
+    if (config is not None or not on_gpu or not isinstance(model, Trunk)
+            or model.norm.weight.device.type != "cuda"):
         return FusedTrunk(model, config)  # (refuses a model that is not a quantized Trunk)
     device = model.norm.weight.device
     from daptq_ros.gpu import timing
