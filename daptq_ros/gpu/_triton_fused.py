@@ -1,39 +1,39 @@
 """The fused batch-1 trunk kernel: a whole pre-LN transformer forward for one token in one launch.
 
-Imported only where Triton is available (``daptq_ros.gpu.fused`` launches it). Design, per layer:
+Imported only where Triton is available (``daptq_ros.gpu.fused`` launches it). Four phases per
+layer, each a GEMV whose input every program first builds itself, from the whole row, in its own
+slice of ``act`` (packed fp16x2 words; the row is 4-11 K elements, a few per thread):
 
-====  ==============  ===============================================================================
-ph    kind            what every program does
-====  ==============  ===============================================================================
-0     prep LN1        LayerNorm of the residual (statistics recomputed by every program, 1 row of d)
-                      → its slice of the packed fp16x2 activation words; zeroes its slice of the
-                      MLP accumulator. Layer 0 reads the bf16 input and copies it to the residual.
-1     GEMV qkv        its share of the (tile, group) cells of W_qkv → fp32 atomics into ``qkv``
-2     prep V          ``v`` = ``qkv[2d:3d]`` → packed words (one token: softmax over one key is 1,
-                      so attention returns v exactly; q and k are still computed)
-3     GEMV o          → atomics into the fp32 residual (the residual add is the accumulation)
-4     prep LN2        LayerNorm of the residual → packed words; zeroes its slice of ``qkv``
-5     GEMV fc1        → atomics into ``f``
-6     prep GELU       tanh-GELU of ``f`` → packed words
-7     GEMV fc2        → atomics into the residual
-====  ==============  ===============================================================================
+====  =========================================  ================================================
+ph    prologue (every program, whole row)        GEMV (this program's share of the cells)
+====  =========================================  ================================================
+0     LayerNorm of the residual (layer 0: of the  W_qkv → fp32 atomics into ``qkv``; zeroes its
+      bf16 input, which it also copies to the     share of the MLP accumulator ``f``
+      fp32 residual, its share)
+1     v = ``qkv[2d:3d]`` (one token: softmax      W_o → atomics into the residual (the atomics
+      over one key is 1, attention returns v;     are the residual add)
+      q and k are still computed)
+2     LayerNorm of the residual                   W_fc1 → atomics into ``f``; zeroes its share of
+                                                  ``qkv`` for the next layer
+3     tanh-GELU of ``f``                          W_fc2 → atomics into the residual
+====  =========================================  ================================================
 
 and a last phase applies the final LayerNorm → bf16 output. Phases are separated by a grid-wide
-barrier (an arrive counter polled with volatile loads), so the grid must be co-resident: one or
+barrier (an arrive counter, polled with ``ld.acquire``), so the grid must be co-resident: one or
 two programs per SM, checked by the host. A launch runs phases [``phase_begin``, ``phase_end``):
 the whole forward as one persistent launch on the GPU, or one launch per phase — no barrier — in
-the CPU interpreter (which runs programs one after another) and for the stepwise ablation.
+the CPU interpreter (which runs programs one after another) and for the per-phase ablation.
 
 Work split: each GEMV's weights are stored tile-major — cell (tile t, group g) is the
 [GROUP/8, BLOCK_N] block of K-major int4 words of rows t·BLOCK_N.. and K-group g, contiguous,
 and cells of one tile follow each other — and program p takes cells [p·C/P, (p+1)·C/P): equal
-bytes per program to within one 8 KB cell, one contiguous range of memory. A partial tile's sum
-goes out with one fp32 atomic per row when the tile (or the range) ends; order of the atomics
+bytes per program to within one cell, one contiguous range of memory. A partial tile's sum goes
+out with one fp32 atomic per row when the tile (or the range) ends; the order of the atomics
 makes the sum nondeterministic in its last bits.
 
-Prefetch: at the start of GEMV phase j every program issues ``cp.async.bulk.prefetch.L2`` for its
-cells of GEMV j + ``PF_AHEAD`` (and the first ones at launch), so DRAM streams the next layer's
-weights while the barrier, the prep phases and the current GEMV's L2 reads run.
+Streaming: cell loads go through a register ring of ``DEPTH`` cells; optionally, at the start of
+GEMV j every program prefetches its cells of GEMV j + ``PF_AHEAD`` into L2, so DRAM can stream
+the next weights while the barrier and the prologue run.
 """
 
 from __future__ import annotations
@@ -232,42 +232,27 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _prep_ln(src_ptr, res_ptr, gamma_ptr, beta_ptr, act_ptr, zero_ptr, n, n_zero, eps, pid, n_prog,
-             SRC_BF16: tl.constexpr, BLOCK_D: tl.constexpr, SLICE: tl.constexpr):
-    """LayerNorm(src)·γ + β → this program's slice of packed activation words; with a bf16 source
-    (the input) the slice is also copied to the fp32 residual; zeroes its slice of ``zero_ptr``."""
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """LayerNorm(src)·γ + β of the whole row → this program's own packed activation words."""
     mean, rstd = _row_stats(src_ptr, n, eps, SRC_BF16, BLOCK_D)
-    per = (n // 2 + n_prog - 1) // n_prog
-    pairs = pid * per + tl.arange(0, SLICE)
-    mask = (pairs < n // 2) & (pairs < (pid + 1) * per)
-    e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
-    if SRC_BF16:
-        tl.store(res_ptr + 2 * pairs, e, mask=mask)
-        tl.store(res_ptr + 2 * pairs + 1, o, mask=mask)
-    ge = ((e - mean) * rstd * tl.load(gamma_ptr + 2 * pairs, mask=mask)
-          + tl.load(beta_ptr + 2 * pairs, mask=mask))
-    go = ((o - mean) * rstd * tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
-          + tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
-    tl.store(act_ptr + pairs, _pack_f16x2(ge, go), mask=mask)
-    _zero_slice(zero_ptr, n_zero, pid, n_prog, SLICE)
+    for start in range(0, n // 2, BLOCK_P):
+        pairs = start + tl.arange(0, BLOCK_P)
+        mask = pairs < n // 2
+        e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+        ge = ((e - mean) * rstd * tl.load(gamma_ptr + 2 * pairs, mask=mask)
+              + tl.load(beta_ptr + 2 * pairs, mask=mask))
+        go = ((o - mean) * rstd * tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
+              + tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
+        tl.store(act_ptr + pairs, _pack_f16x2(ge, go), mask=mask)
 
 
 @triton.jit
-def _zero_slice(ptr, n, pid, n_prog, SLICE: tl.constexpr):
-    """Zero this program's share of ptr[0:n] (an accumulator a later phase sums into)."""
-    per = (n + n_prog - 1) // n_prog
-    for start in range(0, per, SLICE):
-        offs = pid * per + start + tl.arange(0, SLICE)
-        tl.store(ptr + offs, tl.zeros((SLICE,), dtype=tl.float32), mask=(offs < n) & (offs < (pid + 1) * per))
-
-
-@triton.jit
-def _prep_pointwise(src_ptr, act_ptr, n, pid, n_prog, GELU: tl.constexpr, SLICE: tl.constexpr):
-    """src (fp32), through tanh-GELU when ``GELU``, → this program's slice of packed words."""
-    per = (n // 2 + n_prog - 1) // n_prog
-    for start in range(0, per, SLICE):
-        pairs = pid * per + start + tl.arange(0, SLICE)
-        mask = (pairs < n // 2) & (pairs < (pid + 1) * per)
+def _prologue_pointwise(src_ptr, act_ptr, n, GELU: tl.constexpr, BLOCK_P: tl.constexpr):
+    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words."""
+    for start in range(0, n // 2, BLOCK_P):
+        pairs = start + tl.arange(0, BLOCK_P)
+        mask = pairs < n // 2
         e, o = _load_pairs(src_ptr, pairs, mask, False)
         if GELU:
             e = _gelu_tanh(e)
@@ -276,13 +261,35 @@ def _prep_pointwise(src_ptr, act_ptr, n, pid, n_prog, GELU: tl.constexpr, SLICE:
 
 
 @triton.jit
+def _slice_offsets(n, pid, n_prog, start, SLICE: tl.constexpr):
+    """Offsets and mask of chunk ``start`` of this program's share of [0, n)."""
+    per = (n + n_prog - 1) // n_prog
+    offs = pid * per + start + tl.arange(0, SLICE)
+    return offs, (offs < n) & (offs < (pid + 1) * per)
+
+
+@triton.jit
+def _zero_slice(ptr, n, pid, n_prog, SLICE: tl.constexpr):
+    """Zero this program's share of ptr[0:n] (an accumulator a later phase sums into)."""
+    for start in range(0, (n + n_prog - 1) // n_prog, SLICE):
+        offs, mask = _slice_offsets(n, pid, n_prog, start, SLICE)
+        tl.store(ptr + offs, tl.zeros((SLICE,), dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def _copy_slice(src_ptr, dst_ptr, n, pid, n_prog, SLICE: tl.constexpr):
+    """dst[share] = src[share] (bf16 → fp32): the input token becomes the residual."""
+    for start in range(0, (n + n_prog - 1) // n_prog, SLICE):
+        offs, mask = _slice_offsets(n, pid, n_prog, start, SLICE)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask).to(tl.float32), mask=mask)
+
+
+@triton.jit
 def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog,
                 BLOCK_D: tl.constexpr, SLICE: tl.constexpr):
     """Final LayerNorm of the residual → this program's slice of the bf16 output."""
     mean, rstd = _row_stats(res_ptr, n, eps, False, BLOCK_D)
-    per = (n + n_prog - 1) // n_prog
-    offs = pid * per + tl.arange(0, SLICE)
-    mask = (offs < n) & (offs < (pid + 1) * per)
+    offs, mask = _slice_offsets(n, pid, n_prog, 0, SLICE)
     v = tl.load(res_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     y = (v - mean) * rstd * tl.load(gamma_ptr + offs, mask=mask) + tl.load(beta_ptr + offs, mask=mask)
     tl.store(out_ptr + offs, y.to(tl.bfloat16), mask=mask)
@@ -317,54 +324,52 @@ def _load_acquire(ptr):
 def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
                        bar_ptr, err_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, SLICE: tl.constexpr, THREADS: tl.constexpr,
-                       PF_CHUNKS: tl.constexpr, DEPTH: tl.constexpr,
-                       PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                       MAX_SPIN: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SLICE: tl.constexpr,
+                       ACT_STRIDE: tl.constexpr, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr,
+                       DEPTH: tl.constexpr, PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       USE_ASM: tl.constexpr, MAX_SPIN: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     GW: tl.constexpr = GROUP // 8
     n_gemv = 4 * n_layers
+    mine = act_ptr + pid * ACT_STRIDE  # this program's packed GEMV input
     if PF_AHEAD > 0:  # the first GEMVs of this launch: their weights start streaming right away
-        j0 = phase_begin // 2
         for a in tl.static_range(PF_AHEAD):
-            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j0 + a, n_gemv, pid, n_prog, GW, BLOCK_N, THREADS,
+            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, phase_begin + a, n_gemv, pid, n_prog, GW, BLOCK_N, THREADS,
                            PF_CHUNKS)
     n_sync = 0
     for ph in range(phase_begin, phase_end):
-        layer = ph // 8
-        kind = ph % 8
+        layer = ph // 4
+        kind = ph % 4
         ln = vec_ptr + layer * 4 * D
         if layer == n_layers:
             _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_D, SLICE)
-        elif kind % 2 == 1:
-            j = ph // 2
-            if PF_AHEAD > 0:
-                _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j + PF_AHEAD, n_gemv, pid, n_prog, GW, BLOCK_N,
-                               THREADS, PF_CHUNKS)
-            if kind == 1:
-                dst = qkv_ptr
-            elif kind == 5:
-                dst = f_ptr
-            else:
-                dst = res_ptr
-            _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, dst, j, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, DEPTH)
-        elif kind == 0:
-            if layer == 0:
-                _prep_ln(x_ptr, res_ptr, ln, ln + D, act_ptr, f_ptr, D, FFN, eps, pid, n_prog, True,
-                         BLOCK_D, SLICE)
-            else:
-                _prep_ln(res_ptr, res_ptr, ln, ln + D, act_ptr, f_ptr, D, FFN, eps, pid, n_prog, False,
-                         BLOCK_D, SLICE)
-        elif kind == 4:
-            _prep_ln(res_ptr, res_ptr, ln + 2 * D, ln + 3 * D, act_ptr, qkv_ptr, D, 3 * D, eps, pid, n_prog,
-                     False, BLOCK_D, SLICE)
-        elif kind == 2:
-            _prep_pointwise(qkv_ptr + 2 * D, act_ptr, D, pid, n_prog, False, SLICE)
         else:
-            _prep_pointwise(f_ptr, act_ptr, FFN, pid, n_prog, True, SLICE)
+            if PF_AHEAD > 0:
+                _prefetch_gemv(w_ptr, s_ptr, meta_ptr, ph + PF_AHEAD, n_gemv, pid, n_prog, GW, BLOCK_N,
+                               THREADS, PF_CHUNKS)
+            if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
+                if layer == 0:
+                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, True, BLOCK_D, BLOCK_P)
+                    _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE)
+                else:
+                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, False, BLOCK_D, BLOCK_P)
+                _zero_slice(f_ptr, FFN, pid, n_prog, SLICE)
+                dst = qkv_ptr
+            elif kind == 1:  # attention over one key = v → O, added into the residual
+                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, False, BLOCK_P)
+                dst = res_ptr
+            elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
+                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, False, BLOCK_D, BLOCK_P)
+                _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE)
+                dst = f_ptr
+            else:  # GELU → FC2, added into the residual
+                _prologue_pointwise(f_ptr, mine, FFN, True, BLOCK_P)
+                dst = res_ptr
+            tl.debug_barrier()  # the packed input is written before any thread reads it
+            _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
+                        HAS_BIAS, USE_ASM, DEPTH)
         if ph + 1 < phase_end:
             n_sync += 1
             _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN)

@@ -129,6 +129,11 @@ def _block_linears(block: nn.Module, name: str) -> list[tuple[Int4KMajorWeight, 
     return out
 
 
+def _act_stride(d: int, ffn: int) -> int:
+    """int32 words of one program's packed GEMV input (the longest row, in pairs, 16-word aligned)."""
+    return math.ceil(max(d, ffn) / 2 / 16) * 16
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -235,8 +240,10 @@ class FusedTrunk(nn.Module):
             d, f = self.d_model, self.ffn
             bn = self.config.block_n
             z = lambda n, dt=torch.float32: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
+            p = self.n_programs(device)
             s = {"res": z(d), "qkv": z(math.ceil(3 * d / bn) * bn), "f": z(math.ceil(f / bn) * bn),
-                 "act": z(max(d, f) // 2, torch.int32), "bar": z(2, torch.int32), "err": z(1, torch.int32)}
+                 "act": z(p * _act_stride(d, f), torch.int32), "bar": z(2, torch.int32),
+                 "err": z(1, torch.int32)}
             self._scratch[device] = s
         return s
 
@@ -245,7 +252,8 @@ class FusedTrunk(nn.Module):
         on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
         consts = {
             "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
-            "BLOCK_D": _next_pow2(self.d_model),
+            "BLOCK_D": _next_pow2(self.d_model), "BLOCK_P": 1024,
+            "ACT_STRIDE": _act_stride(self.d_model, self.ffn),
             "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
             "THREADS": 32 * self.config.num_warps, "PF_CHUNKS": self.config.pf_chunks,
             "DEPTH": self.config.depth,
@@ -271,7 +279,7 @@ class FusedTrunk(nn.Module):
         p, consts = self._launch_args(device)
         x1 = x.reshape(-1).to(torch.bfloat16).contiguous()
         out = torch.empty(self.d_model, dtype=torch.bfloat16, device=device)
-        n_phases = 8 * self.n_layers + 1
+        n_phases = 4 * self.n_layers + 1
         args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
                 s["bar"], s["err"], self.n_layers)
         if persistent:
