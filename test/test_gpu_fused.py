@@ -136,7 +136,8 @@ sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", 
        "eps": "fp32"}
 k = comp(tf.fused_trunk_kernel, sig,
          {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "BLOCK_P": 1024,
-          "SLICE": 128, "ACT_STRIDE": 5504, "THREADS": 256, "PF_CHUNKS": 8, "DEPTH": 2, "PF_AHEAD": 1, "HAS_BIAS": False, "USE_ASM": True,
+          "SLICE": 128, "ACT_STRIDE": 5504, "THREADS": 256, "PF_CHUNKS": 8, "DEPTH": 2, "PF_AHEAD": 1,
+          "HAS_BIAS": False, "USE_ASM": True,
           "MAX_SPIN": 1 << 22},
          8, num_stages=1)
 ptx = k.asm["ptx"]
