@@ -7,7 +7,7 @@ during which HBM idles. :class:`FusedTrunk` runs the forward as one persistent T
 (:mod:`daptq_ros.gpu._triton_fused`): one program per SM walks through the phases of every layer
 (LayerNorm → QKV GEMV → attention → O GEMV + residual → LayerNorm → FC1 GEMV → GELU → FC2 GEMV +
 residual) with grid-wide barriers between them, and prefetches each GEMV's int4 weights into L2
-one GEMV ahead, so weight streaming does not stop at the barriers.
+one GEMV ahead if asked (measured: slower, so off by default).
 
 It computes what the ``w4a16_f16x2_g128`` variant computes — the same integers and scales, the
 same packed fp16x2 dot products, fp32 accumulation — and its float32 reference is that
@@ -65,7 +65,7 @@ class FusedConfig:
     block_n: int = 256
     num_warps: int = 8
     programs_per_sm: int = 1
-    pf_ahead: int = 1
+    pf_ahead: int = 0  # measured: prefetching into L2 made every configuration slower (docs/gpu_bench.md)
     pf_chunks: int = 8
     depth: int = 2
     persistent: bool = True
@@ -326,9 +326,9 @@ class FusedTrunk(nn.Module):
 
 
 # What fuse_trunk times on a GPU when no config is given (the default first).
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(depth=3), FusedConfig(pf_ahead=0),
-                   FusedConfig(depth=3, pf_ahead=0), FusedConfig(block_n=128, depth=3),
-                   FusedConfig(block_n=512, num_warps=16))
+# The four fastest of the fifth run's ablation (docs/gpu_bench.md), within 4% of each other there.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(block_n=512, depth=1, pf_ahead=1), FusedConfig(depth=3),
+                   FusedConfig(depth=1))
 _TUNE_REL_ERR_MAX = 2e-2
 
 

@@ -37,12 +37,12 @@ TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
 # One change at a time from the default, plus the per-phase launch of the default.
-GRID = [BASE, replace(BASE, persistent=False), replace(BASE, pf_ahead=0), replace(BASE, pf_ahead=2),
-        replace(BASE, pf_chunks=1), replace(BASE, pf_chunks=64), replace(BASE, pf_chunks=0),
-        replace(BASE, depth=1),
-        replace(BASE, depth=1, pf_ahead=0), replace(BASE, block_n=128),
-        replace(BASE, block_n=128, num_warps=4, programs_per_sm=2), replace(BASE, block_n=512, num_warps=16),
-        replace(BASE, block_n=512, depth=1), replace(BASE, depth=3), replace(BASE, depth=3, pf_ahead=0)]
+GRID = [BASE, replace(BASE, persistent=False), replace(BASE, pf_ahead=1), replace(BASE, pf_ahead=2),
+        replace(BASE, pf_ahead=1, pf_chunks=1), replace(BASE, pf_ahead=1, pf_chunks=64),
+        replace(BASE, pf_ahead=1, pf_chunks=0), replace(BASE, depth=1), replace(BASE, depth=1, pf_ahead=1),
+        replace(BASE, block_n=128, pf_ahead=1), replace(BASE, block_n=128, num_warps=4, programs_per_sm=2),
+        replace(BASE, block_n=512, num_warps=16), replace(BASE, block_n=512, depth=1, pf_ahead=1),
+        replace(BASE, depth=3), replace(BASE, depth=3, pf_ahead=1)]
 
 
 def _label(cfg: FusedConfig) -> str:
