@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from daptq_ros.gpu import kernels, timing
 from daptq_ros.gpu.linear import W4A16F16x2Linear, reference_model
-from daptq_ros.gpu.packing import Int4KMajorWeight
+from daptq_ros.gpu.packing import Int4KMajorWeight, relative_error
 from daptq_ros.gpu.trunk import Trunk
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 FUSED_VARIANT = "w4a16_fused_g128"
 # The offset-binary word of eight zero weights (nibble 8 each), as int32: padding rows of a tile.
 _ZERO_WORD = -0x77777778
-_META_STRIDE = 8  # int64 fields per GEMV row of the meta table (_triton_fused.META_*)
 _MAX_SPIN = 1 << 22  # barrier polls (~1 s) before the kernel flags a non-resident grid
 _INTERPRET_PROGRAMS = 3  # programs per launch in the CPU interpreter (uneven cell splits on purpose)
 
@@ -129,6 +128,11 @@ def _block_linears(block: nn.Module, name: str) -> list[tuple[Int4KMajorWeight, 
     return out
 
 
+def _compiled_on(device: torch.device) -> bool:
+    """``device`` is a GPU running compiled Triton (not the CPU interpreter)."""
+    return device.type == "cuda" and kernels._on_compiled_gpu()
+
+
 def _act_stride(d: int, ffn: int) -> int:
     """int32 words of one program's packed GEMV input (the longest row, in pairs, 16-word aligned)."""
     return math.ceil(max(d, ffn) / 2 / 16) * 16
@@ -197,7 +201,7 @@ class FusedTrunk(nn.Module):
                     padded[:n] = bias
                     vecs.append(padded)
                     vec_off += padded.numel()
-                meta.append([w_off, s_off, b_off, n_tiles, n_groups, n, 0, 0])
+                meta.append([w_off, s_off, b_off, n_tiles, n_groups, n, 0, 0])  # _triton_fused.META_*
                 words.append(tw.reshape(-1))
                 scales.append(ts.reshape(-1))
                 w_off += tw.numel()
@@ -206,7 +210,6 @@ class FusedTrunk(nn.Module):
         self.register_buffer("scales", torch.cat(scales))
         self.register_buffer("vecs", torch.cat([v.reshape(-1).to(torch.float32) for v in vecs]))
         self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64, device=self.words.device))
-        self._cells = [row[3] * row[4] for row in meta]  # host copy: no device read at launch time
 
     # ------------------------------------------------------------------ forward
 
@@ -229,7 +232,7 @@ class FusedTrunk(nn.Module):
 
     def n_programs(self, device: torch.device) -> int:
         """Programs per launch: one or two per SM on a GPU; a few in the CPU interpreter."""
-        if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        if not _compiled_on(device):
             return _INTERPRET_PROGRAMS
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return sms * self.config.programs_per_sm
@@ -249,7 +252,7 @@ class FusedTrunk(nn.Module):
 
     def _launch_args(self, device: torch.device) -> tuple[int, dict]:
         p = self.n_programs(device)
-        on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        on_gpu = _compiled_on(device)
         consts = {
             "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
             "BLOCK_D": _next_pow2(self.d_model), "BLOCK_P": 1024,
@@ -270,8 +273,7 @@ class FusedTrunk(nn.Module):
 
         device = x.device
         persistent = self.config.persistent if persistent is None else persistent
-        interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        if interpret:
+        if not _compiled_on(device):
             persistent = False  # the interpreter runs programs one after another: a barrier would spin
         if self.words.device != device:
             raise ValueError(f"input on {device}, weights on {self.words.device}")
@@ -342,13 +344,9 @@ def fuse_trunk(model: nn.Module, config: FusedConfig | None = None,
     replays; the fastest is returned, with every timing in its ``tuning`` attribute. Elsewhere (the
     CPU interpreter) the default config is used.
     """
-    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-    if (config is not None or not on_gpu or not isinstance(model, Trunk)
-            or model.norm.weight.device.type != "cuda"):
+    if config is not None or not isinstance(model, Trunk) or not _compiled_on(model.norm.weight.device):
         return FusedTrunk(model, config)  # (refuses a model that is not a quantized Trunk)
     device = model.norm.weight.device
-    from daptq_ros.gpu import timing
-    from daptq_ros.gpu.packing import relative_error
 
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 1, model.cfg.d_model, device=device, generator=gen).to(torch.bfloat16)
