@@ -41,25 +41,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from daptq_ros.gpu._triton_kernels import _q4x8_dot
+from daptq_ros.gpu._triton_kernels import _q4x8_dot_words
 
 # Fields of one GEMV's row of the int64 meta table (host: daptq_ros.gpu.fused._META_FIELDS).
 META_W, META_S, META_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 META_TILES, META_GROUPS, META_N = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5)
 META_STRIDE = tl.constexpr(8)
 # The vector table (fp32): per layer ln1 γ, β, ln2 γ, β (d each), then the final γ, β.
-
-
-@triton.jit
-def _f16x2_words_to_pair(w, USE_ASM: tl.constexpr):
-    """Packed fp16x2 words → what :func:`_q4x8_dot` takes: the words themselves (inline PTX), or
-    the fp32 (even, odd) values."""
-    if USE_ASM:
-        return w, w
-    else:
-        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return lo, hi
 
 
 @triton.jit
@@ -179,12 +167,7 @@ def _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_pro
         else:
             nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 1, last), n_groups, offs_w,
                                              offs_c, GW, BLOCK_N)
-        x0, y0 = _f16x2_words_to_pair(a0, USE_ASM)
-        x1, y1 = _f16x2_words_to_pair(a1, USE_ASM)
-        x2, y2 = _f16x2_words_to_pair(a2, USE_ASM)
-        x3, y3 = _f16x2_words_to_pair(a3, USE_ASM)
-        part = _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
-                         y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
+        part = _q4x8_dot_words(u, a0, a1, a2, a3, True, USE_ASM)
         s = tl.load(s_base + c * BLOCK_N + offs_n).to(tl.float32)
         acc += part * s[None, :]
         t = c // n_groups

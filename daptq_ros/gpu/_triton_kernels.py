@@ -507,6 +507,36 @@ def _q4x8_dot(u, x0, x1, x2, x3, y0, y1, y2, y3, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _f16x2_words_to_pair(w, USE_ASM: tl.constexpr):
+    """Packed fp16x2 words → what :func:`_q4x8_dot` takes: the words themselves (inline PTX), or
+    the fp32 (even, odd) values."""
+    if USE_ASM:
+        return w, w
+    else:
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+
+@triton.jit
+def _q4x8_dot_words(u, w0, w1, w2, w3, F16X2_IN: tl.constexpr, USE_ASM: tl.constexpr):
+    """:func:`_q4x8_dot` of K-major words ``u`` [WORDS, BLOCK_N] with the activation-pair words
+    w_j [WORDS] of each K-word: bf16 pairs (converted here) or, with ``F16X2_IN``, packed fp16x2."""
+    if F16X2_IN:
+        x0, y0 = _f16x2_words_to_pair(w0, USE_ASM)
+        x1, y1 = _f16x2_words_to_pair(w1, USE_ASM)
+        x2, y2 = _f16x2_words_to_pair(w2, USE_ASM)
+        x3, y3 = _f16x2_words_to_pair(w3, USE_ASM)
+    else:
+        x0, y0 = _bf16x2_to_f16x2(w0, USE_ASM)
+        x1, y1 = _bf16x2_to_f16x2(w1, USE_ASM)
+        x2, y2 = _bf16x2_to_f16x2(w2, USE_ASM)
+        x3, y3 = _bf16x2_to_f16x2(w3, USE_ASM)
+    return _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
+                     y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
+
+
+@triton.jit
 def _epilogue_row(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, stride_om, stride_os,
                   HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr, SPLIT: tl.constexpr):
     """:func:`_epilogue` for one token row with a compile-time split count: the last split of a
@@ -572,12 +602,7 @@ def w4a16_f16x2_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
             nu, n0, n1, n2, n3 = _kmajor_block(w_base, x_base, tl.minimum(kb + 1, kb1 - 1), stride_wc, WORDS)
         else:
             u, w0, w1, w2, w3 = _kmajor_block(w_base, x_base, kb, stride_wc, WORDS)
-        x0, y0 = _bf16x2_to_f16x2(w0, USE_ASM)
-        x1, y1 = _bf16x2_to_f16x2(w1, USE_ASM)
-        x2, y2 = _bf16x2_to_f16x2(w2, USE_ASM)
-        x3, y3 = _bf16x2_to_f16x2(w3, USE_ASM)
-        part = _q4x8_dot(u, x0[:, None], x1[:, None], x2[:, None], x3[:, None],
-                         y0[:, None], y1[:, None], y2[:, None], y3[:, None], USE_ASM)
+        part = _q4x8_dot_words(u, w0, w1, w2, w3, False, USE_ASM)
         s = tl.load(s_ptrs + (kb * BLOCK_K // GROUP) * stride_sg).to(tl.float32)
         acc += tl.sum(part, axis=0) * s
     _epilogue_row(16.0 * acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, pid_m, offs_n, N, stride_om, stride_os,
