@@ -52,13 +52,14 @@ def test_tile_kmajor_puts_each_cell_in_one_contiguous_block():
     assert torch.count_nonzero(ts[2, :, 8:]) == 0
 
 
-@pytest.mark.parametrize("bias,fused_qkv,block_n,depth",
-                         [(False, True, 256, 2), (True, False, 64, 1), (False, True, 128, 3)])
-def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, depth):
+@pytest.mark.parametrize("bias,fused_qkv,block_n,depth,quad",
+                         [(False, True, 256, 2, False), (True, False, 64, 1, False), (False, True, 128, 3, False),
+                          (True, False, 64, 2, True), (False, True, 256, 3, True)])
+def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, depth, quad):
     # ffn = 384 is not a multiple of 256: the padded tile rows must not leak into the output;
     # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries
     q = _f16x2(_trunk(bias=bias, fused_qkv=fused_qkv))
-    fused = FusedTrunk(q, FusedConfig(block_n=block_n, depth=depth))
+    fused = FusedTrunk(q, FusedConfig(block_n=block_n, depth=depth, quad=quad))
     ref = fused.reference()
     gen = torch.Generator(device=DEV).manual_seed(1)
     for i in range(2):  # the second call checks that the accumulators were left zeroed
@@ -116,11 +117,15 @@ def test_benchmark_wiring_counts_the_weights_once():
     assert isinstance(fused, FusedTrunk) and report.variant == "w4a16_fused_g128" and report.quantized
     f16x2 = fused.inner
     # with tiles dividing every N (block_n 128, ffn 384): the same integers and scales as the
-    # per-Linear model, LN vectors in fp32 instead of bf16, and the GEMV table; the inner
-    # model's buffers are not counted twice
+    # per-Linear model, LN vectors in fp32 instead of bf16, the GEMV table, and a zero-scale group
+    # per tile where a GEMV has an odd group count (FC2: K 384 = 3 groups; scales go in pairs);
+    # the inner model's buffers are not counted twice
     unpadded = FusedTrunk(f16x2, FusedConfig(block_n=128))
     n_vec = (4 * 2 + 2) * 256
-    assert weight_nbytes(unpadded) - weight_nbytes(f16x2) == n_vec * (4 - 2) + unpadded.meta.numel() * 8
+    odd_pad = sum(int(m[3]) * 128 * 2 for m in unpadded.meta if int(m[4]) % 2)
+    assert odd_pad == 2 * 2 * 128 * 2  # two layers' FC2, two tiles each
+    assert (weight_nbytes(unpadded) - weight_nbytes(f16x2)
+            == n_vec * (4 - 2) + unpadded.meta.numel() * 8 + odd_pad)
     ref = reference_model(fused)
     x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
     assert torch.equal(ref(x.float()), reference_model(f16x2)(x.float()))
@@ -130,15 +135,15 @@ def test_benchmark_wiring_counts_the_weights_once():
 _COMPILE_BODY = r"""
 import os, subprocess
 from daptq_ros.gpu import _triton_fused as tf
-sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "vec_ptr": "*fp32",
+sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*i32", "vec_ptr": "*fp32",
        "meta_ptr": "*i64", "res_ptr": "*fp32", "qkv_ptr": "*fp32", "f_ptr": "*fp32", "act_ptr": "*i32",
-       "bar_ptr": "*i32", "err_ptr": "*i32", "n_layers": "i32", "phase_begin": "i32", "phase_end": "i32",
-       "eps": "fp32"}
+       "bar_ptr": "*i32", "err_ptr": "*i32", "trace_ptr": "*i64", "n_layers": "i32", "phase_begin": "i32",
+       "phase_end": "i32", "eps": "fp32"}
 k = comp(tf.fused_trunk_kernel, sig,
          {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "BLOCK_P": 1024,
           "SLICE": 128, "ACT_STRIDE": 5504, "THREADS": 256, "PF_CHUNKS": 8, "DEPTH": 2, "PF_AHEAD": 1,
           "HAS_BIAS": False, "USE_ASM": True,
-          "MAX_SPIN": 1 << 22},
+          "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": False},
          8, num_stages=1)
 ptx = k.asm["ptx"]
 out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),

@@ -43,6 +43,35 @@ import triton.language as tl
 
 from daptq_ros.gpu._triton_kernels import _q4x8_dot_words
 
+
+def _q4x32_dot_asm() -> str:
+    """PTX of Σ q·x/16 over four K-major int4 words (32 weights) and their 16 fp16x2 activation
+    words: the dequantization of :data:`~daptq_ros.gpu._triton_kernels._Q4X8_DOT_ASM` per word,
+    the products accumulated in two fp16x2 registers (words 0-1, 2-3), one fp32 result."""
+    lines = ["{", ".reg .b32 a, b, c, d, v, k16, kb16, k256, kb256, s0, s1;", ".reg .b16 lo, hi;",
+             ".reg .f32 flo, fhi;", "mov.b32 k16, 0x2C002C00;", "mov.b32 kb16, 0xD408D408;",
+             "mov.b32 k256, 0x1C001C00;", "mov.b32 kb256, 0xC480C480;"]
+    for i in range(4):
+        acc = f"s{i // 2}"
+        x = [f"${5 + 4 * i + j}" for j in range(4)]
+        lines += [f"lop3.b32 a, ${1 + i}, 0x000F000F, 0x64006400, 0xEA;",
+                  f"lop3.b32 b, ${1 + i}, 0x00F000F0, 0x64006400, 0xEA;",
+                  f"shr.u32 v, ${1 + i}, 8;",
+                  "lop3.b32 c, v, 0x000F000F, 0x64006400, 0xEA;",
+                  "lop3.b32 d, v, 0x00F000F0, 0x64006400, 0xEA;",
+                  "fma.rn.f16x2 a, a, k16, kb16;", "fma.rn.f16x2 b, b, k256, kb256;",
+                  "fma.rn.f16x2 c, c, k16, kb16;", "fma.rn.f16x2 d, d, k256, kb256;",
+                  (f"mul.rn.f16x2 {acc}, a, {x[0]};" if i % 2 == 0
+                   else f"fma.rn.f16x2 {acc}, a, {x[0]}, {acc};"),
+                  f"fma.rn.f16x2 {acc}, b, {x[1]}, {acc};", f"fma.rn.f16x2 {acc}, c, {x[2]}, {acc};",
+                  f"fma.rn.f16x2 {acc}, d, {x[3]}, {acc};"]
+    lines += ["add.rn.f16x2 s0, s0, s1;", "mov.b32 {lo, hi}, s0;", "cvt.f32.f16 flo, lo;",
+              "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;", "}"]
+    return "\n".join(lines)
+
+
+_Q4X32_DOT_ASM = tl.constexpr(_q4x32_dot_asm())
+
 # Fields of one GEMV's row of the int64 meta table (host: daptq_ros.gpu.fused._META_FIELDS).
 META_W, META_S, META_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 META_TILES, META_GROUPS, META_N = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5)
@@ -108,79 +137,206 @@ def _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j, n_gemv, pid, n_prog,
     """Bulk-prefetch this program's weight and scale cells of GEMV ``j`` into L2 (no-op past the end)."""
     if j < n_gemv:
         row = meta_ptr + j * META_STRIDE
-        _, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+        n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
         if c1 > c0:
             w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16) + c0 * (GW * BLOCK_N)
-            s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16) + c0 * BLOCK_N
             _prefetch_range(w_base, (c1 - c0) * (GW * BLOCK_N * 4), THREADS, PF_CHUNKS)
-            _prefetch_range(s_base, (c1 - c0) * (BLOCK_N * 2), THREADS, PF_CHUNKS)
+            # the scale pair words of the tiles the range touches (whole tiles: a little more)
+            pairs = (n_groups + 1) // 2
+            t0 = c0 // n_groups
+            s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16) + t0 * pairs * BLOCK_N
+            n_tiles = (c1 - 1) // n_groups - t0 + 1
+            _prefetch_range(s_base, n_tiles * pairs * (BLOCK_N * 4), THREADS, PF_CHUNKS)
 
 
 @triton.jit
-def _cell_loads(w_base, act_ptr, c, n_groups, offs_w, offs_c, GW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Cell ``c``'s weight words [GW, BLOCK_N] and the 4 activation-pair words of each K-word."""
-    g = c % n_groups
+def _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N: tl.constexpr):
+    """The scale pair words of cell (tile ``t``, group ``g``) — groups 2i, 2i + 1 of each row, see
+    ``fused.pair_scales`` — as a [rows, BLOCK_N] block whose rows all read the same words: it takes
+    the weight blocks' register layout, so using it needs no layout change (no shared-memory
+    round trip)."""
+    pair = t * ((n_groups + 1) // 2) + g // 2
+    return tl.load(s_base + pair * BLOCK_N + 0 * offs_r[:, None] + offs_n[None, :])
+
+
+@triton.jit
+def _scale_of(words, g):
+    """fp32 scales of a cell of group ``g`` from its pair words (bf16 in the low half for even ``g``)."""
+    bits = tl.where((g % 2) == 0, words << 16, words & -65536)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cell_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Cell ``c`` (tile ``t``, group ``g``): weight words [GW, BLOCK_N], scale pair words and the 4
+    activation-pair words of each K-word."""
     xp = act_ptr + (g * GW + offs_c) * 4
-    return (tl.load(w_base + c * (GW * BLOCK_N) + offs_w, eviction_policy="evict_first"),
+    return (tl.load(w_base + c * (GW * BLOCK_N) + offs_c[:, None] * BLOCK_N + offs_n[None, :],
+                    eviction_policy="evict_first"),
+            _scale_loads(s_base, g, t, n_groups, offs_c, offs_n, BLOCK_N),
             tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
             tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
 
 
 @triton.jit
+def _quad_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_r, offs_n, GW: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Cell ``c`` (tile ``t``, group ``g``) as four [GW/4, BLOCK_N] word blocks (K-words i·GW/4 + r), its
+    scale pair words and the 16 activation-pair words of each K-word row r (block-major)."""
+    Q: tl.constexpr = GW // 4
+    w = w_base + c * (GW * BLOCK_N) + offs_r[:, None] * BLOCK_N + offs_n[None, :]
+    xp = act_ptr + (g * GW + offs_r) * 4
+    return (tl.load(w, eviction_policy="evict_first"),
+            tl.load(w + Q * BLOCK_N, eviction_policy="evict_first"),
+            tl.load(w + 2 * Q * BLOCK_N, eviction_policy="evict_first"),
+            tl.load(w + 3 * Q * BLOCK_N, eviction_policy="evict_first"),
+            _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N),
+            tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
+            tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"),
+            tl.load(xp + 4 * Q, cache_modifier=".cg"), tl.load(xp + 4 * Q + 1, cache_modifier=".cg"),
+            tl.load(xp + 4 * Q + 2, cache_modifier=".cg"), tl.load(xp + 4 * Q + 3, cache_modifier=".cg"),
+            tl.load(xp + 8 * Q, cache_modifier=".cg"), tl.load(xp + 8 * Q + 1, cache_modifier=".cg"),
+            tl.load(xp + 8 * Q + 2, cache_modifier=".cg"), tl.load(xp + 8 * Q + 3, cache_modifier=".cg"),
+            tl.load(xp + 12 * Q, cache_modifier=".cg"), tl.load(xp + 12 * Q + 1, cache_modifier=".cg"),
+            tl.load(xp + 12 * Q + 2, cache_modifier=".cg"), tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
+
+
+@triton.jit
+def _q4x32_dot(cell, USE_ASM: tl.constexpr):
+    """Σ q·x/16 per column over the four word blocks of a :func:`_quad_loads` cell → [GW/4, BLOCK_N]."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            _Q4X32_DOT_ASM, "=f" + ",r" * 20,
+            [cell[0], cell[1], cell[2], cell[3], cell[5][:, None], cell[6][:, None], cell[7][:, None],
+             cell[8][:, None], cell[9][:, None], cell[10][:, None], cell[11][:, None], cell[12][:, None],
+             cell[13][:, None], cell[14][:, None], cell[15][:, None], cell[16][:, None], cell[17][:, None],
+             cell[18][:, None], cell[19][:, None], cell[20][:, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return (_q4x8_dot_words(cell[0], cell[5], cell[6], cell[7], cell[8], True, False)
+                + _q4x8_dot_words(cell[1], cell[9], cell[10], cell[11], cell[12], True, False)
+                + _q4x8_dot_words(cell[2], cell[13], cell[14], cell[15], cell[16], True, False)
+                + _q4x8_dot_words(cell[3], cell[17], cell[18], cell[19], cell[20], True, False))
+
+
+@triton.jit
+def _loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
+    """The register-ring entry of cell ``c`` (tile ``t``, group ``g``): :func:`_quad_loads` or
+    :func:`_cell_loads`; ``src`` = (weights, scales, activations, groups per tile, row and column
+    offsets)."""
+    w_base, s_base, act_ptr, n_groups, offs_c, offs_n = src
+    if QUAD:
+        return _quad_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW, BLOCK_N)
+    else:
+        return _cell_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW, BLOCK_N)
+
+
+@triton.jit
+def _next_cell(c, g, t, last, n_groups):
+    """Cell index, group and tile one cell on (cells run through a tile's groups, then the next
+    tile's), held at ``last``: the ring's loads past the range re-read the last cell."""
+    g_next = g + 1
+    t_next = tl.where(g_next == n_groups, t + 1, t)
+    g_next = tl.where(g_next == n_groups, 0, g_next)
+    at_end = c >= last
+    return tl.minimum(c + 1, last), tl.where(at_end, g, g_next), tl.where(at_end, t, t_next)
+
+
+@triton.jit
 def _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                DEPTH: tl.constexpr):
-    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile)."""
+                DEPTH: tl.constexpr, QUAD: tl.constexpr):
+    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
+
+    A cell's weights, scales and activation words are loaded ``DEPTH`` cells ahead (a register
+    ring; loads past the range re-read its last cell and are never used). ``QUAD``: each thread
+    takes four K-words of a column at once (:func:`_q4x32_dot`, the products summed in fp16x2 over
+    32 weights before fp32) instead of one (8 weights). Group and tile indices are stepped, not
+    divided, per cell."""
     GW: tl.constexpr = GROUP // 8
+    ROWS: tl.constexpr = GW // 4 if QUAD else GW
     row = meta_ptr + j * META_STRIDE
     n_out = tl.load(row + META_N).to(tl.int32)
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16)  # the host aligns every offset to 16
     s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16)
     b_base = vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16)
-    offs_c = tl.arange(0, GW)
+    offs_c = tl.arange(0, ROWS)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_w = offs_c[:, None] * BLOCK_N + offs_n[None, :]
-    acc = tl.zeros((GW, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
     last = tl.maximum(c1 - 1, 0)
-    nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c0, last), n_groups, offs_w, offs_c, GW,
-                                     BLOCK_N)
+    t = c0 // n_groups  # tile and group of the cell being computed
+    g = c0 - t * n_groups
+    src = (w_base, s_base, act_ptr, n_groups, offs_c, offs_n)
+    dst = (n_groups, n_out, b_base, out_ptr, offs_n)
+    MODE: tl.constexpr = (HAS_BIAS, USE_ASM, QUAD)
+    c_ld = tl.minimum(c0, last)  # the next cell to load, its group and tile
+    g_ld = g
+    t_ld = t
+    nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
     if DEPTH >= 2:
-        mu, m0, m1, m2, m3 = _cell_loads(w_base, act_ptr, tl.minimum(c0 + 1, last), n_groups, offs_w, offs_c,
-                                         GW, BLOCK_N)
+        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
+        mid = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
     if DEPTH == 3:
-        ku, k0, k1, k2, k3 = _cell_loads(w_base, act_ptr, tl.minimum(c0 + 2, last), n_groups, offs_w, offs_c,
-                                         GW, BLOCK_N)
-    for c in range(c0, c1):
-        # register ring: the loads of the next DEPTH cells are in flight while cell c is computed
-        u, a0, a1, a2, a3 = nu, n0, n1, n2, n3
-        if DEPTH == 3:
-            nu, n0, n1, n2, n3 = mu, m0, m1, m2, m3
-            mu, m0, m1, m2, m3 = ku, k0, k1, k2, k3
-            ku, k0, k1, k2, k3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 3, last), n_groups, offs_w,
-                                             offs_c, GW, BLOCK_N)
-        elif DEPTH == 2:
-            nu, n0, n1, n2, n3 = mu, m0, m1, m2, m3
-            mu, m0, m1, m2, m3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 2, last), n_groups, offs_w,
-                                             offs_c, GW, BLOCK_N)
-        else:
-            nu, n0, n1, n2, n3 = _cell_loads(w_base, act_ptr, tl.minimum(c + 1, last), n_groups, offs_w,
-                                             offs_c, GW, BLOCK_N)
-        part = _q4x8_dot_words(u, a0, a1, a2, a3, True, USE_ASM)
-        s = tl.load(s_base + c * BLOCK_N + offs_n).to(tl.float32)
-        acc += part * s[None, :]
-        t = c // n_groups
-        g = c - t * n_groups
-        if HAS_BIAS:
-            if g == 0:  # the range holding a tile's first group adds its bias, exactly once
-                extra += tl.load(b_base + t * BLOCK_N + offs_n)
-        if (g == n_groups - 1) | (c == c1 - 1):
-            rows = t * BLOCK_N + offs_n
-            tl.atomic_add(out_ptr + rows, 16.0 * tl.sum(acc, axis=0) + extra, mask=rows < n_out,
-                          sem="relaxed")
-            acc = tl.zeros((GW, BLOCK_N), dtype=tl.float32)
-            extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
+        far = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+    if DEPTH == 2:
+        # two ring slots, unrolled by two so that neither is copied: slot A holds even steps,
+        # slot B odd ones, each reloaded 2 cells ahead right after it is consumed
+        for c in range(c0, c1, 2):
+            acc, extra, g, t = _cell_step(nxt, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
+            nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+            if c + 1 < c1:
+                acc, extra, g, t = _cell_step(mid, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
+            mid = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+    else:
+        for c in range(c0, c1):
+            cur = nxt  # the loads of the next DEPTH cells stay in flight while cell c is computed
+            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
+            if DEPTH == 3:
+                nxt = mid
+                mid = far
+                far = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+            else:
+                nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+            acc, extra, g, t = _cell_step(cur, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+
+
+@triton.jit
+def _cell_step(cur, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+               MODE: tl.constexpr):
+    """Cell ``c`` (group ``g`` of tile ``t``) into the tile's accumulator; at the tile's (or the
+    range's) last cell the tile's sums go out as fp32 atomics. ``dst`` = (groups per tile, output
+    rows, bias, output, column offsets), ``MODE`` = (HAS_BIAS, USE_ASM, QUAD). Returns (acc, extra,
+    g, t) of the next cell."""
+    n_groups, n_out, b_base, out_ptr, offs_n = dst
+    HAS_BIAS: tl.constexpr = MODE[0]
+    USE_ASM: tl.constexpr = MODE[1]
+    QUAD: tl.constexpr = MODE[2]
+    if QUAD:
+        part = _q4x32_dot(cur, USE_ASM)
+        sw = cur[4]
+    else:
+        part = _q4x8_dot_words(cur[0], cur[2], cur[3], cur[4], cur[5], True, USE_ASM)
+        sw = cur[1]
+    acc += part * _scale_of(sw, g)
+    if HAS_BIAS:
+        if g == 0:  # the range holding a tile's first group adds its bias, exactly once
+            extra += tl.load(b_base + t * BLOCK_N + offs_n)
+    if (g == n_groups - 1) | (c == c1 - 1):
+        rows = t * BLOCK_N + offs_n
+        tl.atomic_add(out_ptr + rows, 16.0 * tl.sum(acc, axis=0) + extra, mask=rows < n_out, sem="relaxed")
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    g += 1
+    if g == n_groups:
+        g = 0
+        t += 1
+    return acc, extra, g, t
 
 
 @triton.jit
@@ -304,14 +460,28 @@ def _load_acquire(ptr):
 
 
 @triton.jit
+def _stamp(trace_ptr, idx, TRACE: tl.constexpr):
+    """With ``TRACE``: ``%globaltimer`` (ns) → trace[idx], after every thread of the program got here."""
+    if TRACE:
+        tl.debug_barrier()
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [tl.zeros([1], tl.int32)],
+                                      dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(trace_ptr + idx + tl.arange(0, 1), t)
+
+
+@triton.jit
 def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
-                       bar_ptr, err_ptr, n_layers, phase_begin, phase_end, eps,
+                       bar_ptr, err_ptr, trace_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SLICE: tl.constexpr,
                        ACT_STRIDE: tl.constexpr, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr,
                        DEPTH: tl.constexpr, PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       USE_ASM: tl.constexpr, MAX_SPIN: tl.constexpr):
-    """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring)."""
+                       USE_ASM: tl.constexpr, MAX_SPIN: tl.constexpr, TRACE: tl.constexpr,
+                       QUAD: tl.constexpr):
+    """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
+
+    With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
+    trace[(pid · n_phases + ph) · 4 + k]: phase start, prologue done, GEMV done, barrier passed."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     GW: tl.constexpr = GROUP // 8
@@ -322,7 +492,10 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             _prefetch_gemv(w_ptr, s_ptr, meta_ptr, phase_begin + a, n_gemv, pid, n_prog, GW, BLOCK_N, THREADS,
                            PF_CHUNKS)
     n_sync = 0
+    n_phases = 4 * n_layers + 1
     for ph in range(phase_begin, phase_end):
+        stamps = (pid * n_phases + ph) * 4
+        _stamp(trace_ptr, stamps, TRACE)
         layer = ph // 4
         kind = ph % 4
         ln = vec_ptr + layer * 4 * D
@@ -351,11 +524,14 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                 _prologue_pointwise(f_ptr, mine, FFN, True, BLOCK_P)
                 dst = res_ptr
             tl.debug_barrier()  # the packed input is written before any thread reads it
+            _stamp(trace_ptr, stamps + 1, TRACE)
             _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, DEPTH)
+                        HAS_BIAS, USE_ASM, DEPTH, QUAD)
+        _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:
             n_sync += 1
             _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN)
+        _stamp(trace_ptr, stamps + 3, TRACE)
     if n_sync > 0:  # the last program out resets the counters for the next launch
         tl.debug_barrier()
         if tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:

@@ -59,6 +59,8 @@ class FusedConfig:
         depth: cells whose register loads are in flight ahead of the one being computed (1 to 3).
         persistent: one launch with grid barriers; False launches once per phase (the ablation,
             and what the CPU interpreter always does).
+        quad: each thread dots four K-words of a column at once, summing 32 products in fp16x2
+            before fp32 (fewer instructions per weight), instead of one K-word (8 products).
     """
 
     block_n: int = 256
@@ -68,6 +70,7 @@ class FusedConfig:
     pf_chunks: int = 8
     depth: int = 2
     persistent: bool = True
+    quad: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -102,6 +105,19 @@ def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, t
     tiled_w = words.reshape(kw, n_tiles, block_n).permute(1, 0, 2).contiguous()
     tiled_s = scales.reshape(scales.shape[0], n_tiles, block_n).permute(1, 0, 2).contiguous()
     return tiled_w, tiled_s
+
+
+def pair_scales(tiled_scales: torch.Tensor) -> torch.Tensor:
+    """Tile-major bf16 scales (N_tiles, G, block_n) → int32 words (N_tiles, ⌈G/2⌉, block_n), word
+    (t, i, n) holding the scales of groups 2i (low half) and 2i + 1 (high half) of row n: the same
+    bytes, in 4-byte elements the kernel loads in the weight words' own register layout. An odd G
+    is padded with a zero-scale group."""
+    n_tiles, n_groups, bn = tiled_scales.shape
+    if n_groups % 2:
+        tiled_scales = torch.cat([tiled_scales, tiled_scales.new_zeros((n_tiles, 1, bn))], dim=1)
+    bits = tiled_scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    lo, hi = bits[:, 0::2], bits[:, 1::2]
+    return (lo | (hi << 16)).contiguous()
 
 
 def _concat_kmajor(parts: list[W4A16F16x2Linear]) -> tuple[Int4KMajorWeight, torch.Tensor | None]:
@@ -202,6 +218,7 @@ class FusedTrunk(nn.Module):
                     vecs.append(padded)
                     vec_off += padded.numel()
                 meta.append([w_off, s_off, b_off, n_tiles, n_groups, n, 0, 0])  # _triton_fused.META_*
+                ts = pair_scales(ts)
                 words.append(tw.reshape(-1))
                 scales.append(ts.reshape(-1))
                 w_off += tw.numel()
@@ -261,14 +278,19 @@ class FusedTrunk(nn.Module):
             "THREADS": 32 * self.config.num_warps, "PF_CHUNKS": self.config.pf_chunks,
             "DEPTH": self.config.depth,
             "PF_AHEAD": self.config.pf_ahead if on_gpu else 0, "HAS_BIAS": self.has_bias,
-            "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "num_warps": self.config.num_warps,
+            "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
+            "num_warps": self.config.num_warps,
             "num_stages": 1,
         }
         return p, consts
 
     @torch.no_grad()
-    def run_fused(self, x: torch.Tensor, persistent: bool | None = None) -> torch.Tensor:
-        """The fused forward of one token (any shape with d_model elements)."""
+    def run_fused(self, x: torch.Tensor, persistent: bool | None = None,
+                  trace: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused forward of one token (any shape with d_model elements).
+
+        ``trace`` (int64, programs × phases × 4, GPU only) receives every program's ``%globaltimer``
+        stamps per phase (see :meth:`trace`)."""
         from daptq_ros.gpu import _triton_fused as tf
 
         device = x.device
@@ -282,8 +304,12 @@ class FusedTrunk(nn.Module):
         x1 = x.reshape(-1).to(torch.bfloat16).contiguous()
         out = torch.empty(self.d_model, dtype=torch.bfloat16, device=device)
         n_phases = 4 * self.n_layers + 1
+        if trace is not None:
+            if not _compiled_on(device):
+                raise ValueError("tracing needs compiled Triton on a GPU (it reads %globaltimer)")
+            consts["TRACE"] = True
         args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
-                s["bar"], s["err"], self.n_layers)
+                s["bar"], s["err"], s["bar"] if trace is None else trace, self.n_layers)
         if persistent:
             self._check_residency(tf, device, args, p, consts, n_phases)
             tf.fused_trunk_kernel[(p,)](*args, 0, n_phases, self.eps, **consts)
@@ -296,6 +322,57 @@ class FusedTrunk(nn.Module):
             raise RuntimeError(f"fused trunk: a grid barrier timed out — not all {p} programs were resident "
                                "(another kernel or process holding SMs?); scratch buffers were reset")
         return out.view(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def trace(self, x: torch.Tensor, repeats: int = 20) -> dict:
+        """Per-phase timeline of the fused forward (GPU): every program stamps ``%globaltimer`` at
+        phase start, prologue done, GEMV done and barrier passed; over ``repeats`` launches (after
+        one warm-up) the median across launches of each per-phase statistic, in µs.
+
+        Per phase: ``prologue`` / ``gemv`` / ``wait`` (barrier) durations, median and max over
+        programs; ``span`` from the earliest start to the last program leaving; ``gemv_gbs``, the
+        phase's weight and scale bytes over the span from the first GEMV start to the last GEMV
+        end. The stamps add a program-wide sync at each point, so the total is a little longer
+        than an untraced launch (``total_us`` is measured on the traced launches)."""
+        device = x.device
+        p = self.n_programs(device)
+        n_phases = 4 * self.n_layers + 1
+        buf = torch.zeros(p, n_phases, 4, dtype=torch.int64, device=device)
+        self.run_fused(x, persistent=True, trace=buf)
+        runs = []
+        for _ in range(repeats):
+            buf.zero_()
+            self.run_fused(x, persistent=True, trace=buf)
+            torch.cuda.synchronize(device)
+            runs.append(buf.cpu().double() / 1e3)  # µs
+        meta = self.meta.cpu()
+        bn = self.config.block_n
+        cell_bytes = self.group_size // 8 * bn * 4 + bn * 2  # int4 words + bf16 scales
+        gemv_bytes = [int(m[3] * m[4]) * cell_bytes for m in meta]
+        names = [f"L{i // 4} {('qkv', 'o', 'fc1', 'fc2')[i % 4]}" for i in range(4 * self.n_layers)]
+        names.append("final LN")
+        phases = []
+        for ph in range(n_phases):
+            stats: dict[str, list[float]] = {}
+            for t in runs:
+                t0 = t[:, 0, 0].min()
+                start, pro, gemv, left = (t[:, ph, k] - t0 for k in range(4))
+                if ph == n_phases - 1:
+                    pro = start
+                vals = {"prologue": pro - start, "gemv": gemv - pro, "wait": left - gemv}
+                for key, v in vals.items():
+                    stats.setdefault(key + "_med", []).append(float(v.median()))
+                    stats.setdefault(key + "_max", []).append(float(v.max()))
+                stats.setdefault("span", []).append(float(left.max() - start.min()))
+                stats.setdefault("start", []).append(float(start.min()))
+                if ph < n_phases - 1:
+                    busy_us = float(gemv.max() - pro.min())
+                    stats.setdefault("gemv_gbs", []).append(gemv_bytes[ph] / 1e3 / busy_us)
+            row = {k: float(torch.tensor(v).median()) for k, v in stats.items()}
+            phases.append({"phase": names[ph], **row})
+        totals = [float(t[:, -1, 3].max() - t[:, 0, 0].min()) for t in runs]
+        return {"programs": p, "repeats": repeats, "total_us": float(torch.tensor(totals).median()),
+                "phases": phases}
 
     def _reset(self, device: torch.device) -> None:
         for t in self._scratch_for(device).values():

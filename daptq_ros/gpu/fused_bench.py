@@ -46,12 +46,68 @@ GRID = [BASE, replace(BASE, persistent=False), replace(BASE, pf_ahead=1), replac
 
 
 def _label(cfg: FusedConfig) -> str:
+    quad = " quad" if cfg.quad else ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} pf{cfg.pf_ahead}/{cfg.pf_chunks} "
-            f"n{cfg.block_n} d{cfg.depth} w{cfg.num_warps}x{cfg.programs_per_sm}")
+            f"n{cfg.block_n} d{cfg.depth} w{cfg.num_warps}x{cfg.programs_per_sm}{quad}")
+
+
+def parse_config(text: str) -> FusedConfig:
+    """``"quad=1,depth=3"`` → the default :class:`FusedConfig` with those fields changed (an
+    unknown field or a bad value is an error naming it)."""
+    fields = {f: type(v) for f, v in asdict(BASE).items()}
+    changes: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise argparse.ArgumentTypeError(f"--config: unknown field {key!r} (fields: {', '.join(fields)})")
+        try:
+            changes[key] = bool(int(value)) if fields[key] is bool else fields[key](value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"--config: bad value for {key}: {value!r}") from exc
+    try:
+        return replace(BASE, **changes)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--config {text!r}: {exc}") from exc
 
 
 def _time(fn, inputs, dev, replays: int) -> dict[str, float]:
     return timing.time_graphs(fn, inputs, dev, replays=replays, warmup=20)
+
+
+def _trace_table(name: str, label: str, tr: dict) -> str:
+    lines = [f"{name}, {label}: {tr['programs']} programs, traced forward {tr['total_us']:.1f} µs "
+             f"(median of {tr['repeats']})", "",
+             "| phase | starts at µs | span µs | prologue µs (med / max) | GEMV µs (med / max) | "
+             "barrier wait µs (med / max) | GEMV GB/s |", "|---|---|---|---|---|---|---|"]
+    for ph in tr["phases"]:
+        gbs = "–" if ph.get("gemv_gbs") is None else f"{ph['gemv_gbs']:.0f}"
+        lines.append(f"| {ph['phase']} | {ph['start']:.1f} | {ph['span']:.1f} | {ph['prologue_med']:.1f} / "
+                     f"{ph['prologue_max']:.1f} | {ph['gemv_med']:.1f} / {ph['gemv_max']:.1f} | "
+                     f"{ph['wait_med']:.1f} / {ph['wait_max']:.1f} | {gbs} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def trace_trunk(name: str, dev: torch.device, configs: list[FusedConfig]) -> list[dict]:
+    """Per-phase timelines (:meth:`FusedTrunk.trace`) of the persistent configs."""
+    from daptq_ros.gpu.trunk import build_trunk
+
+    cfg = TRUNKS[name]()
+    f16x2, _ = quantize_model(build_trunk(cfg, dev), "w4a16_f16x2_g128")
+    x = torch.randn(1, 1, cfg.d_model, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    out = []
+    for fcfg in configs:
+        if not fcfg.persistent:
+            continue
+        try:
+            tr = FusedTrunk(f16x2, fcfg).trace(x.to(torch.bfloat16))
+        except Exception as exc:
+            log.exception("trace %s failed", _label(fcfg))
+            out.append({"model": name, "config": asdict(fcfg), "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        out.append({"model": name, "label": _label(fcfg), "config": asdict(fcfg), **tr})
+        print("\n" + _trace_table(name, _label(fcfg), tr), flush=True)
+    return out
 
 
 @torch.no_grad()
@@ -128,19 +184,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trunks", nargs="+", default=["trunk-315m-d4096"], choices=sorted(TRUNKS))
     p.add_argument("--replays", type=int, default=400, help="timed graph replays per row")
     p.add_argument("--default-only", action="store_true", help="only the default FusedConfig (no ablation)")
+    p.add_argument("--config", dest="configs", action="append", type=parse_config, metavar="FIELD=V,...",
+                   help="a FusedConfig to run instead of the ablation grid (repeatable; '' = the default)")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="also record per-phase timelines (%%globaltimer stamps) of the first N persistent "
+                        "configs")
+    p.add_argument("--trace-only", action="store_true", help="only the timelines, no latency table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: the fused trunk benchmark needs the GPU machine")
     dev = torch.device("cuda")
     info = timing.machine_info(dev)
     ceilings = timing.measure_ceilings(dev)
-    grid = [BASE] if args.default_only else GRID
-    rows = []
+    grid = args.configs or ([BASE] if args.default_only else GRID)
+    rows, traces = [], []
     for name in args.trunks:
-        rows += run_trunk(name, dev, ceilings["bw_gbs"], args.replays, grid)
+        if args.trace or args.trace_only:
+            traces += trace_trunk(name, dev, [c for c in grid if c.persistent][:args.trace or len(grid)])
+        if not args.trace_only:
+            rows += run_trunk(name, dev, ceilings["bw_gbs"], args.replays, grid)
         torch.cuda.empty_cache()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": info, "ceilings": ceilings, "rows": rows}
+    doc = {"machine": info, "ceilings": ceilings, "rows": rows, "traces": traces}
     args.json.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nMachine: {info.get('gpu')} | torch {info['torch']} | triton {info.get('triton')} | "
           f"floor at {ceilings['bw_gbs']:.0f} GB/s\n")
