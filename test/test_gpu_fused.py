@@ -5,12 +5,14 @@ phase; with one (``TRITON_INTERPRET=0``) as the persistent launch."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from test_gpu_kernels import DEV, compile_report
 
 from daptq_ros.gpu import bench
-from daptq_ros.gpu.fused import FusedConfig, FusedTrunk, FusionUnsupportedError, tile_kmajor
+from daptq_ros.gpu.fused import FusedConfig, FusedTrunk, FusionUnsupportedError, pair_scales, tile_kmajor
 from daptq_ros.gpu.linear import quantize_model, reference_model, weight_nbytes
 from daptq_ros.gpu.packing import Int4KMajorWeight, pack_int4_kmajor, relative_error
 from daptq_ros.gpu.trunk import TrunkConfig, build_trunk
@@ -52,9 +54,24 @@ def test_tile_kmajor_puts_each_cell_in_one_contiguous_block():
     assert torch.count_nonzero(ts[2, :, 8:]) == 0
 
 
+@pytest.mark.parametrize("n_groups", [4, 3])
+def test_pair_scales_keep_the_bf16_bits_two_groups_per_word(n_groups):
+    gen = torch.Generator().manual_seed(3)
+    ts = torch.randn(2, n_groups, 16, generator=gen).to(torch.bfloat16)
+    words = pair_scales(ts)
+    assert words.dtype == torch.int32 and words.shape == (2, (n_groups + 1) // 2, 16)
+    as_bf16 = lambda bits: (bits & 0xFFFF).to(torch.int16).view(torch.bfloat16)  # noqa: E731
+    for g in range(n_groups):
+        half = words[:, g // 2] >> (16 * (g % 2))
+        assert torch.equal(as_bf16(half), ts[:, g])
+    if n_groups % 2:  # the padding group has zero scales
+        assert torch.count_nonzero(words[:, -1] >> 16) == 0
+
+
 @pytest.mark.parametrize("bias,fused_qkv,block_n,depth,quad",
-                         [(False, True, 256, 2, False), (True, False, 64, 1, False), (False, True, 128, 3, False),
-                          (True, False, 64, 2, True), (False, True, 256, 3, True)])
+                         [(False, True, 256, 2, False), (True, False, 64, 1, False),
+                          (False, True, 128, 3, False), (True, False, 64, 2, True),
+                          (False, True, 256, 3, True)])
 def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, depth, quad):
     # ffn = 384 is not a multiple of 256: the padded tile rows must not leak into the output;
     # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries
@@ -90,6 +107,32 @@ def test_other_shapes_run_the_per_linear_model():
     assert torch.equal(fused(x), q(x))
     with pytest.raises(ValueError, match="last dim 256"):
         fused(torch.zeros(1, 1, 128, dtype=torch.bfloat16, device=DEV))
+
+
+def test_trace_needs_the_compiled_kernel():
+    fused = FusedTrunk(_f16x2(_trunk(layers=1)))
+    x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
+    if DEV.type != "cuda":
+        with pytest.raises(ValueError, match="globaltimer"):
+            fused.trace(x, repeats=1)
+    else:  # on a GPU: four stamps per program and phase, in order
+        tr = fused.trace(x, repeats=2)
+        assert [p["phase"] for p in tr["phases"]] == ["L0 qkv", "L0 o", "L0 fc1", "L0 fc2", "final LN"]
+        assert all(p["gemv_med"] >= 0 and p["wait_med"] >= 0 for p in tr["phases"])
+        assert tr["total_us"] > 0
+
+
+def test_fused_bench_config_parser_names_bad_fields():
+    from daptq_ros.gpu.fused_bench import parse_config
+
+    assert parse_config("quad=1,depth=3") == FusedConfig(quad=True, depth=3)
+    assert parse_config("") == FusedConfig()
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown field 'quadd'"):
+        parse_config("quadd=1")
+    with pytest.raises(argparse.ArgumentTypeError, match="depth must be"):
+        parse_config("depth=7")
+    with pytest.raises(argparse.ArgumentTypeError, match="bad value for block_n"):
+        parse_config("block_n=wide")
 
 
 def test_unsupported_models_are_refused_with_the_reason():
