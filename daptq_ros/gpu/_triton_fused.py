@@ -31,9 +31,11 @@ bytes per program to within one cell, one contiguous range of memory. A partial 
 out with one fp32 atomic per row when the tile (or the range) ends; the order of the atomics
 makes the sum nondeterministic in its last bits.
 
-Streaming: cell loads go through a register ring of ``DEPTH`` cells; optionally, at the start of
-GEMV j every program prefetches its cells of GEMV j + ``PF_AHEAD`` into L2, so DRAM can stream
-the next weights while the barrier and the prologue run.
+Streaming: cell loads go through a register ring of two cells, unrolled so that no slot is
+copied; the first two cells' weights and scales of the next GEMV are loaded before the barrier,
+so their DRAM latency overlaps the barrier and the prologue. Scales are stored as pair words (two
+groups' bf16 scales per int32) and loaded in the weights' own register layout. Each prologue
+loads the whole row at once (one L2 round trip, not one per chunk).
 """
 
 from __future__ import annotations
@@ -88,65 +90,12 @@ def _pack_f16x2(even, odd):
 
 
 @triton.jit
-def _l2_prefetch(ptrs, nbytes, active):
-    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (multiple of 16) at each 16-byte-aligned pointer
-    whose ``active`` flag is set (one element per thread: no replicated requests)."""
-    return tl.inline_asm_elementwise(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n"
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
-        "=r,l,r,r", [ptrs, nbytes, active], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _cell_range(meta_ptr, j, pid, n_prog):
     """GEMV ``j``'s cell count per tile, and this program's cell range [c0, c1)."""
     row = meta_ptr + j * META_STRIDE
     n_groups = tl.load(row + META_GROUPS).to(tl.int32)
     n_cells = tl.load(row + META_TILES).to(tl.int32) * n_groups
     return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
-
-
-@triton.jit
-def _prefetch_range(base, nbytes, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr):
-    """Prefetch ``nbytes`` (a multiple of 128) from ``base`` into L2: ``PF_CHUNKS`` bulk requests
-    issued by the first threads of the program, or with ``PF_CHUNKS`` 0 one
-    ``prefetch.global.L2::evict_last`` per 128-byte line from every thread."""
-    base8 = base.to(tl.pointer_type(tl.int8))
-    idx = tl.arange(0, THREADS)
-    if PF_CHUNKS == 0:
-        n_lines = nbytes // 128
-        for i in range(0, n_lines, THREADS):
-            _l2_prefetch_line(base8 + tl.minimum(i + idx, n_lines - 1) * 128)
-    else:
-        chunk = (nbytes + 16 * PF_CHUNKS - 1) // (16 * PF_CHUNKS) * 16
-        start = tl.minimum(idx * chunk, nbytes - 16)
-        active = (idx < PF_CHUNKS) & (idx * chunk < nbytes)
-        _l2_prefetch(base8 + start, tl.maximum(tl.minimum(chunk, nbytes - start), 16), active.to(tl.int32))
-
-
-@triton.jit
-def _l2_prefetch_line(ptrs):
-    """``prefetch.global.L2::evict_last`` of the 128-byte line at each pointer."""
-    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_gemv(w_ptr, s_ptr, meta_ptr, j, n_gemv, pid, n_prog,
-                   GW: tl.constexpr, BLOCK_N: tl.constexpr, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr):
-    """Bulk-prefetch this program's weight and scale cells of GEMV ``j`` into L2 (no-op past the end)."""
-    if j < n_gemv:
-        row = meta_ptr + j * META_STRIDE
-        n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
-        if c1 > c0:
-            w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16) + c0 * (GW * BLOCK_N)
-            _prefetch_range(w_base, (c1 - c0) * (GW * BLOCK_N * 4), THREADS, PF_CHUNKS)
-            # the scale pair words of the tiles the range touches (whole tiles: a little more)
-            pairs = (n_groups + 1) // 2
-            t0 = c0 // n_groups
-            s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16) + t0 * pairs * BLOCK_N
-            n_tiles = (c1 - 1) // n_groups - t0 + 1
-            _prefetch_range(s_base, n_tiles * pairs * (BLOCK_N * 4), THREADS, PF_CHUNKS)
 
 
 @triton.jit
@@ -167,69 +116,60 @@ def _scale_of(words, g):
 
 
 @triton.jit
-def _cell_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """Cell ``c`` (tile ``t``, group ``g``): weight words [GW, BLOCK_N], scale pair words and the 4
-    activation-pair words of each K-word."""
-    xp = act_ptr + (g * GW + offs_c) * 4
-    return (tl.load(w_base + c * (GW * BLOCK_N) + offs_c[:, None] * BLOCK_N + offs_n[None, :],
-                    eviction_policy="evict_first"),
-            _scale_loads(s_base, g, t, n_groups, offs_c, offs_n, BLOCK_N),
-            tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
-            tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
-
-
-@triton.jit
-def _quad_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_r, offs_n, GW: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """Cell ``c`` (tile ``t``, group ``g``) as four [GW/4, BLOCK_N] word blocks (K-words i·GW/4 + r), its
-    scale pair words and the 16 activation-pair words of each K-word row r (block-major)."""
-    Q: tl.constexpr = GW // 4
+def _weight_loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
+    """Cell ``c`` (tile ``t``, group ``g``): its int4 words — one [GW, BLOCK_N] block, or with
+    ``QUAD`` four [GW/4, BLOCK_N] blocks (K-words i·GW/4 + r) — and its scale pair words.
+    ``src`` = (weights, scales, activations, groups per tile, row offsets, column offsets)."""
+    w_base, s_base, act_ptr, n_groups, offs_r, offs_n = src
     w = w_base + c * (GW * BLOCK_N) + offs_r[:, None] * BLOCK_N + offs_n[None, :]
-    xp = act_ptr + (g * GW + offs_r) * 4
-    return (tl.load(w, eviction_policy="evict_first"),
-            tl.load(w + Q * BLOCK_N, eviction_policy="evict_first"),
-            tl.load(w + 2 * Q * BLOCK_N, eviction_policy="evict_first"),
-            tl.load(w + 3 * Q * BLOCK_N, eviction_policy="evict_first"),
-            _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N),
-            tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
-            tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"),
-            tl.load(xp + 4 * Q, cache_modifier=".cg"), tl.load(xp + 4 * Q + 1, cache_modifier=".cg"),
-            tl.load(xp + 4 * Q + 2, cache_modifier=".cg"), tl.load(xp + 4 * Q + 3, cache_modifier=".cg"),
-            tl.load(xp + 8 * Q, cache_modifier=".cg"), tl.load(xp + 8 * Q + 1, cache_modifier=".cg"),
-            tl.load(xp + 8 * Q + 2, cache_modifier=".cg"), tl.load(xp + 8 * Q + 3, cache_modifier=".cg"),
-            tl.load(xp + 12 * Q, cache_modifier=".cg"), tl.load(xp + 12 * Q + 1, cache_modifier=".cg"),
-            tl.load(xp + 12 * Q + 2, cache_modifier=".cg"), tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
+    sw = _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N)
+    if QUAD:
+        Q: tl.constexpr = GW // 4
+        return (tl.load(w, eviction_policy="evict_first"),
+                tl.load(w + Q * BLOCK_N, eviction_policy="evict_first"),
+                tl.load(w + 2 * Q * BLOCK_N, eviction_policy="evict_first"),
+                tl.load(w + 3 * Q * BLOCK_N, eviction_policy="evict_first"), sw)
+    else:
+        return tl.load(w, eviction_policy="evict_first"), sw
 
 
 @triton.jit
-def _q4x32_dot(cell, USE_ASM: tl.constexpr):
-    """Σ q·x/16 per column over the four word blocks of a :func:`_quad_loads` cell → [GW/4, BLOCK_N]."""
+def _act_loads(src, g, GW: tl.constexpr, QUAD: tl.constexpr):
+    """The packed activation-pair words of group ``g`` each thread's K-words need: 4 per K-word
+    row (one block), or 16 (``QUAD``: 4 rows i·GW/4 + r, block-major)."""
+    _, _, act_ptr, _, offs_r, _ = src
+    xp = act_ptr + (g * GW + offs_r) * 4
+    if QUAD:
+        Q: tl.constexpr = GW // 4
+        return (tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
+                tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"),
+                tl.load(xp + 4 * Q, cache_modifier=".cg"), tl.load(xp + 4 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 4 * Q + 2, cache_modifier=".cg"), tl.load(xp + 4 * Q + 3, cache_modifier=".cg"),
+                tl.load(xp + 8 * Q, cache_modifier=".cg"), tl.load(xp + 8 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 8 * Q + 2, cache_modifier=".cg"), tl.load(xp + 8 * Q + 3, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q, cache_modifier=".cg"), tl.load(xp + 12 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q + 2, cache_modifier=".cg"), tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
+    else:
+        return (tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
+                tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
+
+
+@triton.jit
+def _q4x32_dot(w, x, USE_ASM: tl.constexpr):
+    """Σ q·x/16 per column over the four word blocks ``w`` of a ``QUAD`` cell and their 16
+    activation words ``x`` → [GW/4, BLOCK_N]."""
     if USE_ASM:
         return tl.inline_asm_elementwise(
             _Q4X32_DOT_ASM, "=f" + ",r" * 20,
-            [cell[0], cell[1], cell[2], cell[3], cell[5][:, None], cell[6][:, None], cell[7][:, None],
-             cell[8][:, None], cell[9][:, None], cell[10][:, None], cell[11][:, None], cell[12][:, None],
-             cell[13][:, None], cell[14][:, None], cell[15][:, None], cell[16][:, None], cell[17][:, None],
-             cell[18][:, None], cell[19][:, None], cell[20][:, None]],
+            [w[0], w[1], w[2], w[3], x[0][:, None], x[1][:, None], x[2][:, None], x[3][:, None],
+             x[4][:, None], x[5][:, None], x[6][:, None], x[7][:, None], x[8][:, None], x[9][:, None],
+             x[10][:, None], x[11][:, None], x[12][:, None], x[13][:, None], x[14][:, None], x[15][:, None]],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return (_q4x8_dot_words(cell[0], cell[5], cell[6], cell[7], cell[8], True, False)
-                + _q4x8_dot_words(cell[1], cell[9], cell[10], cell[11], cell[12], True, False)
-                + _q4x8_dot_words(cell[2], cell[13], cell[14], cell[15], cell[16], True, False)
-                + _q4x8_dot_words(cell[3], cell[17], cell[18], cell[19], cell[20], True, False))
-
-
-@triton.jit
-def _loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
-    """The register-ring entry of cell ``c`` (tile ``t``, group ``g``): :func:`_quad_loads` or
-    :func:`_cell_loads`; ``src`` = (weights, scales, activations, groups per tile, row and column
-    offsets)."""
-    w_base, s_base, act_ptr, n_groups, offs_c, offs_n = src
-    if QUAD:
-        return _quad_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW, BLOCK_N)
-    else:
-        return _cell_loads(w_base, s_base, act_ptr, c, g, t, n_groups, offs_c, offs_n, GW, BLOCK_N)
+        return (_q4x8_dot_words(w[0], x[0], x[1], x[2], x[3], True, False)
+                + _q4x8_dot_words(w[1], x[4], x[5], x[6], x[7], True, False)
+                + _q4x8_dot_words(w[2], x[8], x[9], x[10], x[11], True, False)
+                + _q4x8_dot_words(w[3], x[12], x[13], x[14], x[15], True, False))
 
 
 @triton.jit
@@ -244,85 +184,94 @@ def _next_cell(c, g, t, last, n_groups):
 
 
 @triton.jit
-def _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
-                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                DEPTH: tl.constexpr, QUAD: tl.constexpr):
-    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
-
-    A cell's weights, scales and activation words are loaded ``DEPTH`` cells ahead (a register
-    ring; loads past the range re-read its last cell and are never used). ``QUAD``: each thread
-    takes four K-words of a column at once (:func:`_q4x32_dot`, the products summed in fp16x2 over
-    32 weights before fp32) instead of one (8 weights). Group and tile indices are stepped, not
-    divided, per cell."""
+def _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                QUAD: tl.constexpr):
+    """GEMV ``j``'s load sources (see :func:`_weight_loads`), this program's cell range [c0, c1),
+    its last cell, and the tile and group of c0."""
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
     row = meta_ptr + j * META_STRIDE
-    n_out = tl.load(row + META_N).to(tl.int32)
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16)  # the host aligns every offset to 16
     s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16)
-    b_base = vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16)
-    offs_c = tl.arange(0, ROWS)
-    offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    last = tl.maximum(c1 - 1, 0)
-    t = c0 // n_groups  # tile and group of the cell being computed
-    g = c0 - t * n_groups
-    src = (w_base, s_base, act_ptr, n_groups, offs_c, offs_n)
-    dst = (n_groups, n_out, b_base, out_ptr, offs_n)
-    MODE: tl.constexpr = (HAS_BIAS, USE_ASM, QUAD)
-    c_ld = tl.minimum(c0, last)  # the next cell to load, its group and tile
-    g_ld = g
-    t_ld = t
-    nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-    if DEPTH >= 2:
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
-        mid = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-    if DEPTH == 3:
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
-        far = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-    if DEPTH == 2:
-        # two ring slots, unrolled by two so that neither is copied: slot A holds even steps,
-        # slot B odd ones, each reloaded 2 cells ahead right after it is consumed
-        for c in range(c0, c1, 2):
-            acc, extra, g, t = _cell_step(nxt, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
-            nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-            if c + 1 < c1:
-                acc, extra, g, t = _cell_step(mid, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
-            mid = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-    else:
-        for c in range(c0, c1):
-            cur = nxt  # the loads of the next DEPTH cells stay in flight while cell c is computed
-            c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, n_groups)
-            if DEPTH == 3:
-                nxt = mid
-                mid = far
-                far = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-            else:
-                nxt = _loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-            acc, extra, g, t = _cell_step(cur, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+    src = (w_base, s_base, act_ptr, n_groups, tl.arange(0, ROWS), tl.arange(0, BLOCK_N))
+    t = c0 // n_groups
+    return src, c0, c1, tl.maximum(c1 - 1, 0), c0 - t * n_groups, t
 
 
 @triton.jit
-def _cell_step(cur, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
+    """Weights and scales of this program's first two cells of GEMV ``j`` (held at the last GEMV):
+    issued before the barrier and the prologue that precede the GEMV, so that their DRAM latency
+    overlaps them."""
+    GW: tl.constexpr = GROUP // 8
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, tl.minimum(j, n_gemv - 1), pid, n_prog,
+                                          GROUP, BLOCK_N, QUAD)
+    c = tl.minimum(c0, last)
+    first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
+    c, g, t = _next_cell(c, g, t, last, src[3])
+    return first, _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
+
+
+@triton.jit
+def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                QUAD: tl.constexpr):
+    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
+
+    A register ring of two cells, unrolled by two so that no slot is copied: slot A holds the
+    even steps, slot B the odd ones, each reloaded two cells ahead right after it is consumed
+    (loads past the range re-read its last cell and are never used). ``pre`` holds the weights of
+    the first two cells (:func:`_first_weights`, loaded before the barrier). ``QUAD``: each thread
+    takes four K-words of a column at once (:func:`_q4x32_dot`, products summed in fp16x2 over 32
+    weights before fp32) instead of one (8 weights). Group and tile indices are stepped, not
+    divided, per cell."""
+    GW: tl.constexpr = GROUP // 8
+    ROWS: tl.constexpr = GW // 4 if QUAD else GW
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP, BLOCK_N, QUAD)
+    row = meta_ptr + j * META_STRIDE
+    dst = (src[3], tl.load(row + META_N).to(tl.int32), vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16),
+           out_ptr, src[5])
+    MODE: tl.constexpr = (HAS_BIAS, USE_ASM, QUAD)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    c_ld = tl.minimum(c0, last)  # the last cell loaded, its group and tile
+    g_ld = g
+    t_ld = t
+    a_w, b_w = pre
+    a_x = _act_loads(src, g_ld, GW, QUAD)
+    c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
+    b_x = _act_loads(src, g_ld, GW, QUAD)
+    for c in range(c0, c1, 2):
+        acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
+        a_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+        a_x = _act_loads(src, g_ld, GW, QUAD)
+        if c + 1 < c1:
+            acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
+        b_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
+        b_x = _act_loads(src, g_ld, GW, QUAD)
+
+
+@triton.jit
+def _cell_step(w, x, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                MODE: tl.constexpr):
-    """Cell ``c`` (group ``g`` of tile ``t``) into the tile's accumulator; at the tile's (or the
-    range's) last cell the tile's sums go out as fp32 atomics. ``dst`` = (groups per tile, output
-    rows, bias, output, column offsets), ``MODE`` = (HAS_BIAS, USE_ASM, QUAD). Returns (acc, extra,
-    g, t) of the next cell."""
+    """Cell ``c`` (group ``g`` of tile ``t``; weights ``w``, activations ``x``) into the tile's
+    accumulator; at the tile's (or the range's) last cell the tile's sums go out as fp32 atomics.
+    ``dst`` = (groups per tile, output rows, bias, output, column offsets), ``MODE`` = (HAS_BIAS,
+    USE_ASM, QUAD). Returns (acc, extra, g, t) of the next cell."""
     n_groups, n_out, b_base, out_ptr, offs_n = dst
     HAS_BIAS: tl.constexpr = MODE[0]
     USE_ASM: tl.constexpr = MODE[1]
     QUAD: tl.constexpr = MODE[2]
     if QUAD:
-        part = _q4x32_dot(cur, USE_ASM)
-        sw = cur[4]
+        part = _q4x32_dot(w, x, USE_ASM)
+        sw = w[4]
     else:
-        part = _q4x8_dot_words(cur[0], cur[2], cur[3], cur[4], cur[5], True, USE_ASM)
-        sw = cur[1]
+        part = _q4x8_dot_words(w[0], x[0], x[1], x[2], x[3], True, USE_ASM)
+        sw = w[1]
     acc += part * _scale_of(sw, g)
     if HAS_BIAS:
         if g == 0:  # the range holding a tile's first group adds its bias, exactly once
@@ -371,32 +320,36 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    """LayerNorm(src)·γ + β of the whole row → this program's own packed activation words."""
-    mean, rstd = _row_stats(src_ptr, n, eps, SRC_BF16, BLOCK_D)
-    for start in range(0, n // 2, BLOCK_P):
-        pairs = start + tl.arange(0, BLOCK_P)
-        mask = pairs < n // 2
-        e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
-        ge = ((e - mean) * rstd * tl.load(gamma_ptr + 2 * pairs, mask=mask)
-              + tl.load(beta_ptr + 2 * pairs, mask=mask))
-        go = ((o - mean) * rstd * tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
-              + tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
-        tl.store(act_ptr + pairs, _pack_f16x2(ge, go), mask=mask)
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr, BLOCK_P: tl.constexpr):
+    """LayerNorm(src)·γ + β of the whole row → this program's own packed activation words.
+
+    One pass over memory: the row, γ and β are loaded at once (``BLOCK_P`` ≥ n/2 pairs), the two
+    reductions (mean, then variance) run on the registers."""
+    pairs = tl.arange(0, BLOCK_P)
+    mask = pairs < n // 2
+    e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+    ge = tl.load(gamma_ptr + 2 * pairs, mask=mask)
+    go = tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
+    be = tl.load(beta_ptr + 2 * pairs, mask=mask)
+    bo = tl.load(beta_ptr + 2 * pairs + 1, mask=mask)
+    mean = (tl.sum(e, axis=0) + tl.sum(o, axis=0)) / n
+    de = tl.where(mask, e - mean, 0.0)
+    do = tl.where(mask, o - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(de * de, axis=0) + tl.sum(do * do, axis=0)) / n + eps)
+    tl.store(act_ptr + pairs, _pack_f16x2(de * rstd * ge + be, do * rstd * go + bo), mask=mask)
 
 
 @triton.jit
 def _prologue_pointwise(src_ptr, act_ptr, n, GELU: tl.constexpr, BLOCK_P: tl.constexpr):
-    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words."""
-    for start in range(0, n // 2, BLOCK_P):
-        pairs = start + tl.arange(0, BLOCK_P)
-        mask = pairs < n // 2
-        e, o = _load_pairs(src_ptr, pairs, mask, False)
-        if GELU:
-            e = _gelu_tanh(e)
-            o = _gelu_tanh(o)
-        tl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
+    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words
+    (the whole row loaded at once: ``BLOCK_P`` ≥ n/2 pairs)."""
+    pairs = tl.arange(0, BLOCK_P)
+    mask = pairs < n // 2
+    e, o = _load_pairs(src_ptr, pairs, mask, False)
+    if GELU:
+        e = _gelu_tanh(e)
+        o = _gelu_tanh(o)
+    tl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
 
 
 @triton.jit
@@ -473,26 +426,20 @@ def _stamp(trace_ptr, idx, TRACE: tl.constexpr):
 def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
                        bar_ptr, err_ptr, trace_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SLICE: tl.constexpr,
-                       ACT_STRIDE: tl.constexpr, THREADS: tl.constexpr, PF_CHUNKS: tl.constexpr,
-                       DEPTH: tl.constexpr, PF_AHEAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       USE_ASM: tl.constexpr, MAX_SPIN: tl.constexpr, TRACE: tl.constexpr,
-                       QUAD: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_PF: tl.constexpr, SLICE: tl.constexpr,
+                       ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                       MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
 
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
     trace[(pid · n_phases + ph) · 4 + k]: phase start, prologue done, GEMV done, barrier passed."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    GW: tl.constexpr = GROUP // 8
     n_gemv = 4 * n_layers
     mine = act_ptr + pid * ACT_STRIDE  # this program's packed GEMV input
-    if PF_AHEAD > 0:  # the first GEMVs of this launch: their weights start streaming right away
-        for a in tl.static_range(PF_AHEAD):
-            _prefetch_gemv(w_ptr, s_ptr, meta_ptr, phase_begin + a, n_gemv, pid, n_prog, GW, BLOCK_N, THREADS,
-                           PF_CHUNKS)
     n_sync = 0
     n_phases = 4 * n_layers + 1
+    pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD)
     for ph in range(phase_begin, phase_end):
         stamps = (pid * n_phases + ph) * 4
         _stamp(trace_ptr, stamps, TRACE)
@@ -502,31 +449,30 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
         if layer == n_layers:
             _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_D, SLICE)
         else:
-            if PF_AHEAD > 0:
-                _prefetch_gemv(w_ptr, s_ptr, meta_ptr, ph + PF_AHEAD, n_gemv, pid, n_prog, GW, BLOCK_N,
-                               THREADS, PF_CHUNKS)
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
                 if layer == 0:
-                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, True, BLOCK_D, BLOCK_P)
+                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, True, BLOCK_PD)
                     _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE)
                 else:
-                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, False, BLOCK_D, BLOCK_P)
+                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, False, BLOCK_PD)
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
-                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, False, BLOCK_P)
+                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, False, BLOCK_PD)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
-                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, False, BLOCK_D, BLOCK_P)
+                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, False, BLOCK_PD)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
-                _prologue_pointwise(f_ptr, mine, FFN, True, BLOCK_P)
+                _prologue_pointwise(f_ptr, mine, FFN, True, BLOCK_PF)
                 dst = res_ptr
             tl.debug_barrier()  # the packed input is written before any thread reads it
             _stamp(trace_ptr, stamps + 1, TRACE)
-            _gemv_phase(w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, DEPTH, QUAD)
+            _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
+                        HAS_BIAS, USE_ASM, QUAD)
+            # the next GEMV's first weights stream in during the barrier and its prologue
+            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD)
         _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:
             n_sync += 1

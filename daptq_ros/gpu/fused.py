@@ -53,10 +53,6 @@ class FusedConfig:
         num_warps: warps per program.
         programs_per_sm: co-resident programs per SM (1 or 2; checked against the compiled
             kernel's registers before the first persistent launch).
-        pf_ahead: GEMVs whose weights are prefetched into L2 ahead of the current one (0 = none).
-        pf_chunks: bulk-prefetch requests per program and GEMV (≤ 32 × num_warps); 0 prefetches
-            line by line (``prefetch.global.L2``) from every thread instead.
-        depth: cells whose register loads are in flight ahead of the one being computed (1 to 3).
         persistent: one launch with grid barriers; False launches once per phase (the ablation,
             and what the CPU interpreter always does).
         quad: each thread dots four K-words of a column at once, summing 32 products in fp16x2
@@ -66,11 +62,8 @@ class FusedConfig:
     block_n: int = 256
     num_warps: int = 8
     programs_per_sm: int = 1
-    pf_ahead: int = 0  # measured: prefetching into L2 made every configuration slower (docs/gpu_bench.md)
-    pf_chunks: int = 8
-    depth: int = 2
     persistent: bool = True
-    quad: bool = False
+    quad: bool = True  # sixth run: 4 % faster than one K-word per dot (docs/gpu_bench.md)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -79,12 +72,6 @@ class FusedConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.programs_per_sm not in (1, 2):
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
-        if not 0 <= self.pf_ahead <= 2:
-            raise ValueError(f"pf_ahead must be 0, 1 or 2, got {self.pf_ahead}")
-        if not 0 <= self.pf_chunks <= 32 * self.num_warps:
-            raise ValueError(f"pf_chunks must be in [0, {32 * self.num_warps}], got {self.pf_chunks}")
-        if self.depth not in (1, 2, 3):
-            raise ValueError(f"depth must be 1, 2 or 3, got {self.depth}")
 
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +173,9 @@ class FusedTrunk(nn.Module):
         self.group_size = groups.pop()
         if self.group_size % 8 or self.group_size & (self.group_size - 1):
             raise FusionUnsupportedError(f"group size must be a power of two >= 8, got {self.group_size}")
+        if self.config.quad and self.group_size < 32:
+            raise FusionUnsupportedError(f"quad=True needs a group size >= 32 (4 K-words per thread), got "
+                                         f"{self.group_size}; use FusedConfig(quad=False)")
         eps = {float(m.eps) for m in trunk.modules() if isinstance(m, nn.LayerNorm)}
         if len(eps) != 1:
             raise FusionUnsupportedError(f"all LayerNorms must share one eps, got {sorted(eps)}")
@@ -272,12 +262,11 @@ class FusedTrunk(nn.Module):
         on_gpu = _compiled_on(device)
         consts = {
             "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
-            "BLOCK_D": _next_pow2(self.d_model), "BLOCK_P": 1024,
+            "BLOCK_D": _next_pow2(self.d_model),
+            "BLOCK_PD": _next_pow2(self.d_model // 2), "BLOCK_PF": _next_pow2(self.ffn // 2),
             "ACT_STRIDE": _act_stride(self.d_model, self.ffn),
             "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
-            "THREADS": 32 * self.config.num_warps, "PF_CHUNKS": self.config.pf_chunks,
-            "DEPTH": self.config.depth,
-            "PF_AHEAD": self.config.pf_ahead if on_gpu else 0, "HAS_BIAS": self.has_bias,
+            "HAS_BIAS": self.has_bias,
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
@@ -404,10 +393,9 @@ class FusedTrunk(nn.Module):
         self._checked_residency.add(device)
 
 
-# What fuse_trunk times on a GPU when no config is given (the default first).
-# The four fastest of the fifth run's ablation (docs/gpu_bench.md), within 4% of each other there.
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(block_n=512, depth=1, pf_ahead=1), FusedConfig(depth=3),
-                   FusedConfig(depth=1))
+# What fuse_trunk times on a GPU when no config is given (the default first): the fastest of the
+# sixth run's ablation (docs/gpu_bench.md) and the one-K-word dot.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(block_n=512, num_warps=16), FusedConfig(quad=False))
 _TUNE_REL_ERR_MAX = 2e-2
 
 

@@ -7,8 +7,8 @@ Run on the GPU machine::
 For each trunk (default ``trunk-315m-d4096``) and, in one process, on the same inputs: the bf16
 trunk (``torch.compile``), the ``w4a16_f16x2_g128`` trunk (compiled; its Linears are our GEMV)
 and :class:`~daptq_ros.gpu.fused.FusedTrunk` under each :class:`~daptq_ros.gpu.fused.FusedConfig`
-of the grid — persistent vs one launch per phase, L2 prefetch distance, tile width, warps,
-programs per SM. Every configuration is checked against the float32 reference first; latency is
+of the grid — persistent vs one launch per phase, the 4-word dot, tile width, warps, programs
+per SM. Every configuration is checked against the float32 reference first; latency is
 the median of CUDA-graph replays (:func:`daptq_ros.gpu.timing.time_graphs`), ratios are to the
 bf16 time and to the int4 bandwidth floor measured in the same run.
 """
@@ -36,23 +36,20 @@ log = logging.getLogger("daptq_ros.gpu.fused_bench")
 TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda: vla_trunk_config(6),
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
-# One change at a time from the default, plus the per-phase launch of the default.
-GRID = [BASE, replace(BASE, persistent=False), replace(BASE, pf_ahead=1), replace(BASE, pf_ahead=2),
-        replace(BASE, pf_ahead=1, pf_chunks=1), replace(BASE, pf_ahead=1, pf_chunks=64),
-        replace(BASE, pf_ahead=1, pf_chunks=0), replace(BASE, depth=1), replace(BASE, depth=1, pf_ahead=1),
-        replace(BASE, block_n=128, pf_ahead=1), replace(BASE, block_n=128, num_warps=4, programs_per_sm=2),
-        replace(BASE, block_n=512, num_warps=16), replace(BASE, block_n=512, depth=1, pf_ahead=1),
-        replace(BASE, depth=3), replace(BASE, depth=3, pf_ahead=1)]
+# One change at a time from the default.
+GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, block_n=512, num_warps=16),
+        replace(BASE, block_n=128, num_warps=4), replace(BASE, block_n=128, num_warps=4, programs_per_sm=2),
+        replace(BASE, programs_per_sm=2)]
 
 
 def _label(cfg: FusedConfig) -> str:
     quad = " quad" if cfg.quad else ""
-    return (f"{'persistent' if cfg.persistent else 'per-phase'} pf{cfg.pf_ahead}/{cfg.pf_chunks} "
-            f"n{cfg.block_n} d{cfg.depth} w{cfg.num_warps}x{cfg.programs_per_sm}{quad}")
+    return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
+            f"w{cfg.num_warps}x{cfg.programs_per_sm}{quad}")
 
 
 def parse_config(text: str) -> FusedConfig:
-    """``"quad=1,depth=3"`` → the default :class:`FusedConfig` with those fields changed (an
+    """``"quad=0,block_n=512"`` → the default :class:`FusedConfig` with those fields changed (an
     unknown field or a bad value is an error naming it)."""
     fields = {f: type(v) for f, v in asdict(BASE).items()}
     changes: dict[str, Any] = {}
