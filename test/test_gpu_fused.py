@@ -146,7 +146,7 @@ def test_unsupported_models_are_refused_with_the_reason():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
-    ({"programs_per_sm": 3}, "programs_per_sm")])
+    ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead")])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedConfig(**kwargs)
@@ -183,10 +183,10 @@ sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*i32", "
 k = comp(tf.fused_trunk_kernel, sig,
          {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "BLOCK_PD": 2048,
           "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False, "USE_ASM": True,
-          "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True},
+          "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256},
          8, num_stages=1)
 ptx = k.asm["ptx"]
-out = {"acquire": ptx.count("ld.acquire.gpu"),
+out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),
        "release": len(re.findall(r"red\.global\.gpu\.release\.add", ptx)),
        "f32_red": len(re.findall(r"red\.global\.gpu\.relaxed\.add\.f32", ptx)),
        "hfma2": ptx.count("fma.rn.f16x2")}
@@ -209,6 +209,7 @@ print(json.dumps(out))
 def test_persistent_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     monkeypatch.setenv("SASS_DIR", str(tmp_path))
     r = compile_report(_COMPILE_BODY)
+    assert r["prefetch"] >= 3  # rolling weight cells, the next GEMV's first cells and its scales
     assert r["acquire"] >= 1 and r["release"] >= 1  # the grid barrier
     assert r["f32_red"] >= 1  # partial tile sums as fire-and-forget fp32 reductions
     assert r["hfma2"] >= 4

@@ -99,6 +99,24 @@ def _cell_range(meta_ptr, j, pid, n_prog):
 
 
 @triton.jit
+def _l2_prefetch(ptrs, nbytes, active):
+    """``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16) at each 16-byte-aligned
+    pointer whose ``active`` flag is set (one element per thread: no replicated requests)."""
+    return tl.inline_asm_elementwise(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n"
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+        "=r,l,r,r", [ptrs, nbytes, active], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch(base, nbytes, ok, THREADS: tl.constexpr):
+    """One bulk L2 prefetch of ``nbytes`` at ``base`` (issued by thread 0, if ``ok``)."""
+    idx = tl.arange(0, THREADS)
+    _l2_prefetch(base.to(tl.pointer_type(tl.int8)) + 0 * idx, tl.maximum(nbytes, 16) + 0 * idx,
+                 ((idx == 0) & ok).to(tl.int32))
+
+
+@triton.jit
 def _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N: tl.constexpr):
     """The scale pair words of cell (tile ``t``, group ``g``) — groups 2i, 2i + 1 of each row, see
     ``fused.pair_scales`` — as a [rows, BLOCK_N] block whose rows all read the same words: it takes
@@ -201,13 +219,21 @@ def _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP: tl.const
 
 @triton.jit
 def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
+                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """Weights and scales of this program's first two cells of GEMV ``j`` (held at the last GEMV):
     issued before the barrier and the prologue that precede the GEMV, so that their DRAM latency
-    overlaps them."""
+    overlaps them. With ``L2_AHEAD`` the next ``L2_AHEAD`` cells and the scale rows of every tile
+    the range touches are prefetched into L2 as well (DRAM keeps streaming through the barrier)."""
     GW: tl.constexpr = GROUP // 8
-    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, tl.minimum(j, n_gemv - 1), pid, n_prog,
-                                          GROUP, BLOCK_N, QUAD)
+    jj = tl.minimum(j, n_gemv - 1)
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, jj, pid, n_prog, GROUP, BLOCK_N, QUAD)
+    if L2_AHEAD > 0:
+        live = (j < n_gemv) & (c1 > c0 + 2)
+        n_pf = tl.minimum(c1 - c0 - 2, L2_AHEAD)
+        _prefetch(src[0] + (c0 + 2) * (GW * BLOCK_N), n_pf * (GW * BLOCK_N * 4), live, THREADS)
+        pairs = (src[3] + 1) // 2
+        n_tiles = last // src[3] - t + 1
+        _prefetch(src[1] + t * pairs * BLOCK_N, n_tiles * pairs * BLOCK_N * 4, (j < n_gemv) & (c1 > c0), THREADS)
     c = tl.minimum(c0, last)
     first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
     c, g, t = _next_cell(c, g, t, last, src[3])
@@ -217,7 +243,7 @@ def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROU
 @triton.jit
 def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                QUAD: tl.constexpr):
+                QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
 
     A register ring of two cells, unrolled by two so that no slot is copied: slot A holds the
@@ -226,7 +252,9 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, 
     the first two cells (:func:`_first_weights`, loaded before the barrier). ``QUAD``: each thread
     takes four K-words of a column at once (:func:`_q4x32_dot`, products summed in fp16x2 over 32
     weights before fp32) instead of one (8 weights). Group and tile indices are stepped, not
-    divided, per cell."""
+    divided, per cell. ``L2_AHEAD`` > 0: each step also prefetches the weights ``L2_AHEAD`` cells
+    past the register ring into L2 (one bulk request), so more bytes are in flight than the
+    registers hold."""
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
     src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP, BLOCK_N, QUAD)
@@ -248,11 +276,17 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, 
         c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
         a_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
         a_x = _act_loads(src, g_ld, GW, QUAD)
+        if L2_AHEAD > 0:
+            _prefetch(src[0] + (c_ld + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c_ld + L2_AHEAD <= last,
+                      THREADS)
         if c + 1 < c1:
             acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
         c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
         b_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
         b_x = _act_loads(src, g_ld, GW, QUAD)
+        if L2_AHEAD > 0:
+            _prefetch(src[0] + (c_ld + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c_ld + L2_AHEAD <= last,
+                      THREADS)
 
 
 @triton.jit
@@ -428,7 +462,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_PF: tl.constexpr, SLICE: tl.constexpr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                       MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr):
+                       MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
+                       L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
 
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
@@ -439,7 +474,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
     mine = act_ptr + pid * ACT_STRIDE  # this program's packed GEMV input
     n_sync = 0
     n_phases = 4 * n_layers + 1
-    pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD)
+    pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
+                         L2_AHEAD, THREADS)
     for ph in range(phase_begin, phase_end):
         stamps = (pid * n_phases + ph) * 4
         _stamp(trace_ptr, stamps, TRACE)
@@ -470,9 +506,10 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             tl.debug_barrier()  # the packed input is written before any thread reads it
             _stamp(trace_ptr, stamps + 1, TRACE)
             _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, QUAD)
+                        HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS)
             # the next GEMV's first weights stream in during the barrier and its prologue
-            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD)
+            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
+                                 L2_AHEAD, THREADS)
         _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:
             n_sync += 1

@@ -57,6 +57,8 @@ class FusedConfig:
             and what the CPU interpreter always does).
         quad: each thread dots four K-words of a column at once, summing 32 products in fp16x2
             before fp32 (fewer instructions per weight), instead of one K-word (8 products).
+        l2_ahead: cells prefetched into L2 past the two-cell register ring (0 = none, up to 16);
+            the next GEMV's first ones are requested before each barrier.
     """
 
     block_n: int = 256
@@ -64,6 +66,7 @@ class FusedConfig:
     programs_per_sm: int = 1
     persistent: bool = True
     quad: bool = True  # sixth run: 4 % faster than one K-word per dot (docs/gpu_bench.md)
+    l2_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -72,6 +75,8 @@ class FusedConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.programs_per_sm not in (1, 2):
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
+        if not 0 <= self.l2_ahead <= 16:
+            raise ValueError(f"l2_ahead must be in [0, 16], got {self.l2_ahead}")
 
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +273,7 @@ class FusedTrunk(nn.Module):
             "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
             "HAS_BIAS": self.has_bias,
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
+            "L2_AHEAD": self.config.l2_ahead if on_gpu else 0, "THREADS": 32 * self.config.num_warps,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
         }
