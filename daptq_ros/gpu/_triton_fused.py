@@ -138,7 +138,7 @@ def _weight_loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: t
     """Cell ``c`` (tile ``t``, group ``g``): its int4 words — one [GW, BLOCK_N] block, or with
     ``QUAD`` four [GW/4, BLOCK_N] blocks (K-words i·GW/4 + r) — and its scale pair words.
     ``src`` = (weights, scales, activations, groups per tile, row offsets, column offsets)."""
-    w_base, s_base, act_ptr, n_groups, offs_r, offs_n = src
+    w_base, s_base, _, n_groups, offs_r, offs_n = src
     w = w_base + c * (GW * BLOCK_N) + offs_r[:, None] * BLOCK_N + offs_n[None, :]
     sw = _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N)
     if QUAD:
@@ -166,7 +166,8 @@ def _act_loads(src, g, GW: tl.constexpr, QUAD: tl.constexpr):
                 tl.load(xp + 8 * Q, cache_modifier=".cg"), tl.load(xp + 8 * Q + 1, cache_modifier=".cg"),
                 tl.load(xp + 8 * Q + 2, cache_modifier=".cg"), tl.load(xp + 8 * Q + 3, cache_modifier=".cg"),
                 tl.load(xp + 12 * Q, cache_modifier=".cg"), tl.load(xp + 12 * Q + 1, cache_modifier=".cg"),
-                tl.load(xp + 12 * Q + 2, cache_modifier=".cg"), tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
+                tl.load(xp + 12 * Q + 2, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
     else:
         return (tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
                 tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
@@ -226,14 +227,16 @@ def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROU
     the range touches are prefetched into L2 as well (DRAM keeps streaming through the barrier)."""
     GW: tl.constexpr = GROUP // 8
     jj = tl.minimum(j, n_gemv - 1)
-    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, jj, pid, n_prog, GROUP, BLOCK_N, QUAD)
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, jj, pid, n_prog, GROUP, BLOCK_N,
+                                          QUAD)
     if L2_AHEAD > 0:
         live = (j < n_gemv) & (c1 > c0 + 2)
         n_pf = tl.minimum(c1 - c0 - 2, L2_AHEAD)
         _prefetch(src[0] + (c0 + 2) * (GW * BLOCK_N), n_pf * (GW * BLOCK_N * 4), live, THREADS)
         pairs = (src[3] + 1) // 2
         n_tiles = last // src[3] - t + 1
-        _prefetch(src[1] + t * pairs * BLOCK_N, n_tiles * pairs * BLOCK_N * 4, (j < n_gemv) & (c1 > c0), THREADS)
+        _prefetch(src[1] + t * pairs * BLOCK_N, n_tiles * pairs * BLOCK_N * 4, (j < n_gemv) & (c1 > c0),
+                  THREADS)
     c = tl.minimum(c0, last)
     first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
     c, g, t = _next_cell(c, g, t, last, src[3])
@@ -257,7 +260,8 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, 
     registers hold."""
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
-    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP, BLOCK_N, QUAD)
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP, BLOCK_N,
+                                          QUAD)
     row = meta_ptr + j * META_STRIDE
     dst = (src[3], tl.load(row + META_N).to(tl.int32), vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16),
            out_ptr, src[5])
@@ -354,7 +358,8 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr, BLOCK_P: tl.constexpr):
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
     """LayerNorm(src)·γ + β of the whole row → this program's own packed activation words.
 
     One pass over memory: the row, γ and β are loaded at once (``BLOCK_P`` ≥ n/2 pairs), the two
@@ -460,7 +465,8 @@ def _stamp(trace_ptr, idx, TRACE: tl.constexpr):
 def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr,
                        bar_ptr, err_ptr, trace_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_PF: tl.constexpr, SLICE: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_PF: tl.constexpr,
+                       SLICE: tl.constexpr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
                        L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
@@ -508,8 +514,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
                         HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS)
             # the next GEMV's first weights stream in during the barrier and its prologue
-            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
-                                 L2_AHEAD, THREADS)
+            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
+                                 QUAD, L2_AHEAD, THREADS)
         _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:
             n_sync += 1

@@ -37,9 +37,9 @@ TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
 # One change at a time from the default.
-GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, block_n=512, num_warps=16),
-        replace(BASE, block_n=128, num_warps=4), replace(BASE, block_n=128, num_warps=4, programs_per_sm=2),
-        replace(BASE, programs_per_sm=2)]
+GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, l2_ahead=0),
+        replace(BASE, l2_ahead=2), replace(BASE, l2_ahead=8), replace(BASE, l2_ahead=16),
+        replace(BASE, block_n=512, num_warps=16), replace(BASE, block_n=128, num_warps=4)]
 
 
 def _label(cfg: FusedConfig) -> str:
