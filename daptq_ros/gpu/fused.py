@@ -399,9 +399,10 @@ class FusedTrunk(nn.Module):
         self._checked_residency.add(device)
 
 
-# What fuse_trunk times on a GPU when no config is given (the default first): the fastest of the
-# sixth run's ablation (docs/gpu_bench.md) and the one-K-word dot.
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(block_n=512, num_warps=16), FusedConfig(quad=False))
+# What fuse_trunk times on a GPU when no config is given (the default first): the sixth run's
+# fastest settings (docs/gpu_bench.md) around the L2 prefetch distance, and the one-K-word dot.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(l2_ahead=4), FusedConfig(l2_ahead=8),
+                   FusedConfig(quad=False, l2_ahead=4))
 _TUNE_REL_ERR_MAX = 2e-2
 
 
