@@ -89,6 +89,24 @@ def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, qua
         assert relative_error(y.float(), q(x).float()) < 1e-2
 
 
+def test_many_programs_build_only_their_groups_of_a_pointwise_input(monkeypatch):
+    # 16 interpreter programs: most get at most one cell of the O and FC2 GEMVs, so their v / GELU
+    # prologues take the subset path (their groups only, wrapping at the row end); the output
+    # must not change
+    from daptq_ros.gpu import fused as fused_mod
+
+    q = _f16x2(_trunk(bias=True, fused_qkv=False))
+    x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
+    few = FusedTrunk(q, FusedConfig(block_n=64))(x).float()
+    monkeypatch.setattr(fused_mod, "_INTERPRET_PROGRAMS", 16)
+    many = FusedTrunk(q, FusedConfig(block_n=64))
+    assert many.n_programs(x.device) == 16
+    assert many._subset_pairs(16) == 128  # QKV: 24 cells over 16 programs → ≤ 2 cells × 64 pairs
+    y = many(x).float()
+    assert relative_error(y, many.reference()(x.float())) < 1e-2
+    assert relative_error(y, few) < 1e-3
+
+
 def test_fused_trunk_detects_a_wrong_weight():
     q = _f16x2(_trunk())
     fused = FusedTrunk(q)
@@ -182,7 +200,8 @@ sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*i32", "
        "phase_end": "i32", "eps": "fp32"}
 k = comp(tf.fused_trunk_kernel, sig,
          {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "BLOCK_PD": 2048,
-          "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False, "USE_ASM": True,
+          "BLOCK_S": 1024, "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False,
+          "USE_ASM": True,
           "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256},
          8, num_stages=1)
 ptx = k.asm["ptx"]

@@ -379,16 +379,31 @@ def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.con
 
 
 @triton.jit
-def _prologue_pointwise(src_ptr, act_ptr, n, GELU: tl.constexpr, BLOCK_P: tl.constexpr):
-    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words
-    (the whole row loaded at once: ``BLOCK_P`` ≥ n/2 pairs)."""
-    pairs = tl.arange(0, BLOCK_P)
-    mask = pairs < n // 2
+def _pointwise_pairs(src_ptr, act_ptr, pairs, mask, GELU: tl.constexpr):
     e, o = _load_pairs(src_ptr, pairs, mask, False)
     if GELU:
         e = _gelu_tanh(e)
         o = _gelu_tanh(o)
     tl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
+
+
+@triton.jit
+def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: tl.constexpr,
+                        GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words.
+
+    Only the K-groups of this program's cells of GEMV ``j`` are built when they are fewer than the
+    row's (a contiguous run of groups, wrapping at the row's end; ``BLOCK_S`` ≥ that many pairs),
+    else the whole row (``BLOCK_P`` ≥ n/2 pairs); either way in one round of loads."""
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    HALF: tl.constexpr = GROUP // 2
+    if ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S):
+        i = tl.arange(0, BLOCK_S)
+        mine = ((c0 % n_groups) * HALF + i) % (n // 2)
+        _pointwise_pairs(src_ptr, act_ptr, mine, i < (c1 - c0) * HALF, GELU)
+    else:
+        pairs = tl.arange(0, BLOCK_P)
+        _pointwise_pairs(src_ptr, act_ptr, pairs, pairs < n // 2, GELU)
 
 
 @triton.jit
@@ -427,16 +442,17 @@ def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog,
 
 
 @triton.jit
-def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr):
+def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr, THREADS: tl.constexpr):
     """Grid-wide barrier: arrive (release), poll the counter until ``target`` programs have arrived,
-    then acquire. A poll past ``MAX_SPIN`` sets the error flag instead of hanging (a grid that is
-    not co-resident)."""
+    then acquire. One thread per program polls (:func:`_load_acquire`), so the counter's L2 slice
+    sees one request per program and poll, not one per warp. A poll past ``MAX_SPIN`` sets the
+    error flag instead of hanging (a grid that is not co-resident)."""
     tl.debug_barrier()  # every thread's stores and atomics of the phase are issued
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    seen = _load_acquire(bar_ptr)
+    seen = _load_acquire(bar_ptr, THREADS)
     spins = 0
     while (seen < target) & (spins < MAX_SPIN):
-        seen = _load_acquire(bar_ptr)
+        seen = _load_acquire(bar_ptr, THREADS)
         spins += 1
     if seen < target:
         tl.atomic_max(err_ptr, 1, sem="relaxed", scope="gpu")
@@ -444,10 +460,15 @@ def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr):
 
 
 @triton.jit
-def _load_acquire(ptr):
-    """``ld.acquire.gpu`` of one int32 by every thread: later loads see what the releasing programs wrote."""
-    v = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
-                                  [ptr + tl.zeros([1], tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+def _load_acquire(ptr, THREADS: tl.constexpr):
+    """``ld.acquire.gpu`` of one int32 by thread 0 of the program, shared with every thread (a
+    max-reduction over the program; the other threads contribute 0). Later loads of every thread
+    are ordered after it by the reduction's CTA barrier."""
+    idx = tl.arange(0, THREADS)
+    v = tl.inline_asm_elementwise(
+        "{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
+        "@p ld.acquire.gpu.global.b32 $0, [$1];\n}",
+        "=r,l,r", [ptr + 0 * idx, idx], dtype=tl.int32, is_pure=False, pack=1)
     return tl.max(v, axis=0)
 
 
@@ -466,7 +487,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                        bar_ptr, err_ptr, trace_ptr, n_layers, phase_begin, phase_end, eps,
                        D: tl.constexpr, FFN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_PF: tl.constexpr,
-                       SLICE: tl.constexpr,
+                       BLOCK_S: tl.constexpr, SLICE: tl.constexpr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
                        L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
@@ -500,14 +521,16 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
-                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, False, BLOCK_PD)
+                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, meta_ptr, ph, pid, n_prog, GROUP, False,
+                                    BLOCK_PD, BLOCK_S)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
                 _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, False, BLOCK_PD)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
-                _prologue_pointwise(f_ptr, mine, FFN, True, BLOCK_PF)
+                _prologue_pointwise(f_ptr, mine, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
+                                    BLOCK_S)
                 dst = res_ptr
             tl.debug_barrier()  # the packed input is written before any thread reads it
             _stamp(trace_ptr, stamps + 1, TRACE)
@@ -519,7 +542,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
         _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:
             n_sync += 1
-            _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN)
+            _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS)
         _stamp(trace_ptr, stamps + 3, TRACE)
     if n_sync > 0:  # the last program out resets the counters for the next launch
         tl.debug_barrier()

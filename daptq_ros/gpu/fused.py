@@ -66,7 +66,7 @@ class FusedConfig:
     programs_per_sm: int = 1
     persistent: bool = True
     quad: bool = True  # sixth run: 4 % faster than one K-word per dot (docs/gpu_bench.md)
-    l2_ahead: int = 0
+    l2_ahead: int = 0  # sixth run: 2-9 % slower with 4-16 cells of L2 prefetch (docs/gpu_bench.md)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -269,6 +269,7 @@ class FusedTrunk(nn.Module):
             "D": self.d_model, "FFN": self.ffn, "GROUP": self.group_size, "BLOCK_N": self.config.block_n,
             "BLOCK_D": _next_pow2(self.d_model),
             "BLOCK_PD": _next_pow2(self.d_model // 2), "BLOCK_PF": _next_pow2(self.ffn // 2),
+            "BLOCK_S": self._subset_pairs(p),
             "ACT_STRIDE": _act_stride(self.d_model, self.ffn),
             "SLICE": _next_pow2(max(math.ceil(3 * self.d_model / p), math.ceil(self.ffn / p))),
             "HAS_BIAS": self.has_bias,
@@ -278,6 +279,12 @@ class FusedTrunk(nn.Module):
             "num_stages": 1,
         }
         return p, consts
+
+    def _subset_pairs(self, programs: int) -> int:
+        """Pairs a pointwise prologue builds when a program's cells span fewer groups than the row:
+        the most cells any program gets in any GEMV, times GROUP/2 (a power of two ≥ 16)."""
+        most = max(math.ceil(int(m[3]) * int(m[4]) / programs) for m in self.meta.cpu())
+        return max(16, _next_pow2(most * self.group_size // 2))
 
     @torch.no_grad()
     def run_fused(self, x: torch.Tensor, persistent: bool | None = None,
@@ -400,9 +407,8 @@ class FusedTrunk(nn.Module):
 
 
 # What fuse_trunk times on a GPU when no config is given (the default first): the sixth run's
-# fastest settings (docs/gpu_bench.md) around the L2 prefetch distance, and the one-K-word dot.
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(l2_ahead=4), FusedConfig(l2_ahead=8),
-                   FusedConfig(quad=False, l2_ahead=4))
+# fastest settings (docs/gpu_bench.md) — no L2 prefetch or a short one — and the one-K-word dot.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(l2_ahead=2), FusedConfig(quad=False))
 _TUNE_REL_ERR_MAX = 2e-2
 
 

@@ -44,8 +44,9 @@ GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replac
 
 def _label(cfg: FusedConfig) -> str:
     quad = " quad" if cfg.quad else ""
+    l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
-            f"w{cfg.num_warps}x{cfg.programs_per_sm}{quad}")
+            f"w{cfg.num_warps}x{cfg.programs_per_sm}{quad}{l2}")
 
 
 def parse_config(text: str) -> FusedConfig:
