@@ -107,6 +107,14 @@ def test_many_programs_build_only_their_groups_of_a_pointwise_input(monkeypatch)
     assert relative_error(y, few) < 1e-3
 
 
+def test_launch_constants_never_read_device_tensors():
+    # a CUDA graph cannot capture a device → host copy: the launch path must use host-side values
+    fused = FusedTrunk(_f16x2(_trunk(layers=1)))
+    fused._buffers["meta"] = torch.empty(fused.meta.shape, dtype=fused.meta.dtype, device="meta")
+    p, consts = fused._launch_args(torch.device("cpu"))
+    assert p == 3 and consts["BLOCK_S"] >= 16
+
+
 def test_fused_trunk_detects_a_wrong_weight():
     q = _f16x2(_trunk())
     fused = FusedTrunk(q)

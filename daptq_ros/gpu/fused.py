@@ -199,6 +199,7 @@ class FusedTrunk(nn.Module):
         vecs += [trunk.norm.weight, trunk.norm.bias]
         vec_off = (self.n_layers * 4 + 2) * d
         words, scales, meta = [], [], []
+        self._gemv_cells: list[int] = []  # cells per GEMV, host-side (launch constants need no sync)
         w_off = s_off = 0
         for layer in linears:
             for w, bias in layer:
@@ -213,6 +214,7 @@ class FusedTrunk(nn.Module):
                     vecs.append(padded)
                     vec_off += padded.numel()
                 meta.append([w_off, s_off, b_off, n_tiles, n_groups, n, 0, 0])  # _triton_fused.META_*
+                self._gemv_cells.append(n_tiles * n_groups)
                 ts = pair_scales(ts)
                 words.append(tw.reshape(-1))
                 scales.append(ts.reshape(-1))
@@ -283,7 +285,7 @@ class FusedTrunk(nn.Module):
     def _subset_pairs(self, programs: int) -> int:
         """Pairs a pointwise prologue builds when a program's cells span fewer groups than the row:
         the most cells any program gets in any GEMV, times GROUP/2 (a power of two ≥ 16)."""
-        most = max(math.ceil(int(m[3]) * int(m[4]) / programs) for m in self.meta.cpu())
+        most = max(math.ceil(cells / programs) for cells in self._gemv_cells)
         return max(16, _next_pow2(most * self.group_size // 2))
 
     @torch.no_grad()
