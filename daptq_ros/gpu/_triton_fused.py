@@ -275,22 +275,30 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, 
     a_x = _act_loads(src, g_ld, GW, QUAD)
     c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
     b_x = _act_loads(src, g_ld, GW, QUAD)
+    LOAD: tl.constexpr = (GW, BLOCK_N, QUAD, L2_AHEAD, THREADS)
     for c in range(c0, c1, 2):
         acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-        a_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-        a_x = _act_loads(src, g_ld, GW, QUAD)
-        if L2_AHEAD > 0:
-            _prefetch(src[0] + (c_ld + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c_ld + L2_AHEAD <= last,
-                      THREADS)
+        c_ld, g_ld, t_ld, a_w, a_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
         if c + 1 < c1:
             acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-        b_w = _weight_loads(src, c_ld, g_ld, t_ld, GW, BLOCK_N, QUAD)
-        b_x = _act_loads(src, g_ld, GW, QUAD)
-        if L2_AHEAD > 0:
-            _prefetch(src[0] + (c_ld + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c_ld + L2_AHEAD <= last,
-                      THREADS)
+        c_ld, g_ld, t_ld, b_w, b_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
+
+
+@triton.jit
+def _refill(src, c, g, t, last, LOAD: tl.constexpr):
+    """Load the ring slot just consumed with the cell after (c, g, t); ``LOAD`` = (GW, BLOCK_N,
+    QUAD, L2_AHEAD, THREADS). With ``L2_AHEAD`` the cell that many past it is prefetched into L2.
+    Returns the new cell's (c, g, t), weights and activations."""
+    GW: tl.constexpr = LOAD[0]
+    BLOCK_N: tl.constexpr = LOAD[1]
+    QUAD: tl.constexpr = LOAD[2]
+    L2_AHEAD: tl.constexpr = LOAD[3]
+    c, g, t = _next_cell(c, g, t, last, src[3])
+    w = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
+    x = _act_loads(src, g, GW, QUAD)
+    if L2_AHEAD > 0:
+        _prefetch(src[0] + (c + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c + L2_AHEAD <= last, LOAD[4])
+    return c, g, t, w, x
 
 
 @triton.jit
