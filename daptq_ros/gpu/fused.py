@@ -66,7 +66,7 @@ class FusedConfig:
     programs_per_sm: int = 1
     persistent: bool = True
     quad: bool = True  # sixth run: 4 % faster than one K-word per dot (docs/gpu_bench.md)
-    l2_ahead: int = 0  # sixth run: 2-9 % slower with 4-16 cells of L2 prefetch (docs/gpu_bench.md)
+    l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
