@@ -6,14 +6,15 @@ matmuls are, the same as its whole int4 bandwidth floor) and the ramp-up and tai
 during which HBM idles. :class:`FusedTrunk` runs the forward as one persistent Triton launch
 (:mod:`daptq_ros.gpu._triton_fused`): one program per SM walks through the phases of every layer
 (LayerNorm → QKV GEMV → attention → O GEMV + residual → LayerNorm → FC1 GEMV → GELU → FC2 GEMV +
-residual) with grid-wide barriers between them, and prefetches each GEMV's int4 weights into L2
-one GEMV ahead if asked (measured: slower, so off by default).
+residual) with grid-wide barriers between them; the next GEMV's first weights are loaded before
+each barrier. :meth:`FusedTrunk.trace` records a per-phase timeline.
 
 It computes what the ``w4a16_f16x2_g128`` variant computes — the same integers and scales, the
-same packed fp16x2 dot products, fp32 accumulation — and its float32 reference is that
-variant's. One token only (``B·L == 1``); any other shape runs the per-Linear f16x2 model it was
-built from. On the CPU (``TRITON_INTERPRET=1``) it runs one launch per phase, so the tests check
-the same kernel code without the barrier.
+same packed fp16x2 products; with ``quad`` (the default) 32 of them are summed in fp16x2 before
+fp32 instead of 8 — and its float32 reference is that variant's. One token only (``B·L == 1``);
+any other shape runs the per-Linear f16x2 model it was built from. On the CPU
+(``TRITON_INTERPRET=1``) it runs one launch per phase, so the tests check the same kernel code
+without the barrier.
 """
 
 from __future__ import annotations
