@@ -113,6 +113,7 @@ def test_launch_constants_never_read_device_tensors():
     fused._buffers["meta"] = torch.empty(fused.meta.shape, dtype=fused.meta.dtype, device="meta")
     p, consts = fused._launch_args(torch.device("cpu"))
     assert p == 3 and consts["BLOCK_S"] >= 16
+    assert fused._launch_args(torch.device("cpu"))[1] is consts  # built once per device
 
 
 def test_fused_trunk_detects_a_wrong_weight():

@@ -188,6 +188,7 @@ class FusedTrunk(nn.Module):
         self._build_tables(trunk, linears)
         object.__setattr__(self, "_inner", trunk)  # not a submodule: its buffers are not ours
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._launch_cache: dict[torch.device, tuple[int, dict]] = {}
         self.tuning: list[dict] = []  # fuse_trunk's candidate timings, when it chose the config
         self._checked_residency: set[torch.device] = set()
 
@@ -266,6 +267,13 @@ class FusedTrunk(nn.Module):
         return s
 
     def _launch_args(self, device: torch.device) -> tuple[int, dict]:
+        """Programs per launch and the kernel's constants on ``device`` (built once per device)."""
+        cached = self._launch_cache.get(device)
+        if cached is None:
+            cached = self._launch_cache[device] = self._build_launch_args(device)
+        return cached
+
+    def _build_launch_args(self, device: torch.device) -> tuple[int, dict]:
         p = self.n_programs(device)
         on_gpu = _compiled_on(device)
         consts = {
@@ -312,7 +320,7 @@ class FusedTrunk(nn.Module):
         if trace is not None:
             if not _compiled_on(device):
                 raise ValueError("tracing needs compiled Triton on a GPU (it reads %globaltimer)")
-            consts["TRACE"] = True
+            consts = {**consts, "TRACE": True}
         args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
                 s["bar"], s["err"], s["bar"] if trace is None else trace, self.n_layers)
         if persistent:
