@@ -126,14 +126,19 @@ def tune_bucket(m: int) -> int:
 GEMV_MAX_M = 8
 
 
+def _doubled_split(may_double: Callable[[int], bool]) -> int:
+    """The power-of-two split-K reached by doubling from 1 while ``may_double(split)`` holds."""
+    split = 1
+    while may_double(split):
+        split *= 2
+    return split
+
+
 def gemv_split_k(n: int, block_n: int, k_blocks: int, m_programs: int, sm_count: int) -> int:
     """Power-of-two split-K bringing the GEMV grid to at least ~4 programs per SM (small programs:
     their loads in flight are what hides the HBM latency), never more splits than K-blocks."""
     tiles = math.ceil(n / block_n) * m_programs
-    split = 1
-    while tiles * split < 4 * sm_count and split * 2 <= k_blocks:
-        split *= 2
-    return split
+    return _doubled_split(lambda split: tiles * split < 4 * sm_count and split * 2 <= k_blocks)
 
 
 def gemv_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: int = 132,
@@ -224,10 +229,7 @@ def default_split_k(m: int, n: int, k_blocks: int, block_m: int, block_n: int, s
     Each split keeps at least two K-blocks so the software pipeline has something to overlap.
     """
     tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
-    split = 1
-    while tiles * split * 2 <= 2 * sm_count and k_blocks // (split * 2) >= 2:
-        split *= 2
-    return split
+    return _doubled_split(lambda split: tiles * split * 2 <= 2 * sm_count and k_blocks // (split * 2) >= 2)
 
 
 def candidate_configs(kind: str, m: int, n: int, k: int, group: int = 0, sm_count: int = 132,
