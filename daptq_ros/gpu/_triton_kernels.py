@@ -110,6 +110,27 @@ def _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, str
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+@triton.jit
+def _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr):
+    """The tensor-core kernels' tile: token and output offsets, their wrapped load indices
+    (out-of-range rows/columns load valid memory and are masked at the store, so the streaming
+    loads need no masks), this split's K-block range [kb0, kb1) and the zeroed accumulator."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EVEN_N:
+        ld_n = offs_n
+    else:
+        ld_n = offs_n % N
+    kb0 = tl.program_id(2) * k_blocks_per_split
+    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return offs_m, offs_n, offs_m % M, ld_n, kb0, kb1, acc
+
+
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split"])
 def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, stride_xm, stride_wn, stride_sg, stride_om, stride_os, k_blocks_per_split,
@@ -117,29 +138,13 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_MODE: tl.constexpr, EVEN_N: tl.constexpr):
     """W4A16: x (M, K) bf16 · packed int4 W (N, K/2) with bf16 group scales (K/GROUP, N)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
     HALF: tl.constexpr = BLOCK_K // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Wrapped indices: out-of-range rows/columns load valid memory and are masked at the store,
-    # so the streaming loads need no masks.
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    ld_m = offs_m % M
-    kb0 = pid_k * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_m, offs_n, ld_m, ld_n, kb0, kb1, acc = _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M, BLOCK_N,
+                                                         BLOCK_K, SWAP_AB, EVEN_N)
     offs_j = kb0 * HALF + tl.arange(0, HALF)
     offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + ld_n[:, None] * stride_wn + offs_j[None, :]
     x_ptrs = x_ptr + ld_m[:, None] * stride_xm + offs_k[None, :]
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb0, kb1):
         b = tl.load(w_ptrs)
         x = tl.load(x_ptrs)
@@ -165,25 +170,11 @@ def w8a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  SWAP_AB: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_MODE: tl.constexpr, EVEN_N: tl.constexpr):
     """W8A16: x (M, K) bf16 · int8 W (N, K) with fp32 per-output-channel scales (N,)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    ld_m = offs_m % M
-    kb0 = pid_k * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_m, offs_n, ld_m, ld_n, kb0, kb1, acc = _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M, BLOCK_N,
+                                                         BLOCK_K, SWAP_AB, EVEN_N)
     offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + ld_n[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + ld_m[:, None] * stride_xm + offs_k[None, :]
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _kb in range(kb0, kb1):
         w = _dequant_int8(tl.load(w_ptrs), MODE)
         x = tl.load(x_ptrs).to(w.dtype)
