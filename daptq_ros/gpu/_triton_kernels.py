@@ -111,11 +111,10 @@ def _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, str
 
 
 @triton.jit
-def _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr):
-    """The tensor-core kernels' tile: token and output offsets, their wrapped load indices
-    (out-of-range rows/columns load valid memory and are masked at the store, so the streaming
-    loads need no masks), this split's K-block range [kb0, kb1) and the zeroed accumulator."""
+def _tile_ranges(N, K, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """Grid (N tile, M tile, K split) → token offsets, output offsets, output rows wrapped in range
+    for the loads (``ld_n``), and the split's K-block range [kb0, kb1)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     if EVEN_N:
@@ -123,7 +122,16 @@ def _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     else:
         ld_n = offs_n % N
     kb0 = tl.program_id(2) * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    return offs_m, offs_n, ld_n, kb0, tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+
+
+@triton.jit
+def _mma_tile(M, N, K, k_blocks_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr):
+    """The tensor-core kernels' tile: token and output offsets, their wrapped load indices
+    (out-of-range rows/columns load valid memory and are masked at the store, so the streaming
+    loads need no masks), this split's K-block range [kb0, kb1) and the zeroed accumulator."""
+    offs_m, offs_n, ld_n, kb0, kb1 = _tile_ranges(N, K, k_blocks_per_split, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N)
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -288,14 +296,7 @@ def _gemv_tile(w_ptr, N, K, stride_wn, k_blocks_per_split, BLOCK_M: tl.constexpr
                BLOCK_K: tl.constexpr, WORDS: tl.constexpr, EVEN_N: tl.constexpr):
     """This program's token rows, output rows (``ld_n``: wrapped in range for the loads), word
     offsets within a K-block, K-block range [kb0, kb1) of its split, and its first weight words."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if EVEN_N:
-        ld_n = offs_n
-    else:
-        ld_n = offs_n % N
-    kb0 = tl.program_id(2) * k_blocks_per_split
-    kb1 = tl.minimum(kb0 + k_blocks_per_split, K // BLOCK_K)
+    offs_m, offs_n, ld_n, kb0, kb1 = _tile_ranges(N, K, k_blocks_per_split, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_N)
     offs_c = tl.arange(0, WORDS)
     w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kb0 * WORDS + offs_c)[None, :]
     return offs_m, offs_n, ld_n, offs_c, kb0, kb1, w_ptrs
