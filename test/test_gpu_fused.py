@@ -6,6 +6,7 @@ phase; with one (``TRITON_INTERPRET=0``) as the persistent launch."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -159,6 +160,25 @@ def test_fused_bench_config_parser_names_bad_fields():
         parse_config("num_warps=7")
     with pytest.raises(argparse.ArgumentTypeError, match="bad value for block_n"):
         parse_config("block_n=wide")
+
+
+def test_fused_bench_replots_timelines_from_its_json(tmp_path):
+    from daptq_ros.gpu import fused_bench
+
+    phases = [{"phase": name, "start": 10.0 * i, "span": 9.0, "prologue_med": 1.0, "prologue_max": 1.5,
+               "gemv_med": 6.0, "gemv_max": 7.0, "wait_med": 2.0, "wait_max": 3.0, "gemv_gbs": 2000.0}
+              for i, name in enumerate(["L0 qkv", "L0 o"])]
+    phases.append({"phase": "final LN", "start": 20.0, "span": 1.0, "prologue_med": 0.0, "prologue_max": 0.0,
+                   "gemv_med": 1.0, "gemv_max": 1.0, "wait_med": 0.0, "wait_max": 0.0})
+    trace = {"model": "t", "label": "persistent n256 w8x1 quad", "programs": 132, "repeats": 20,
+             "total_us": 21.0, "phases": phases}
+    doc = tmp_path / "f.json"
+    doc.write_text(json.dumps({"rows": [], "traces": [trace, {"model": "t", "error": "failed"}]}))
+    assert fused_bench.main(["--json", str(doc), "--replot"]) == 0
+    png = tmp_path / "f_trace0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "f_trace1.png").exists()  # the failed trace has no timeline
+    assert "| L0 o | 10.0 |" in fused_bench._trace_table("t", "x", trace)
 
 
 def test_unsupported_models_are_refused_with_the_reason():

@@ -85,6 +85,41 @@ def _trace_table(name: str, label: str, tr: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_trace(tr: dict, path: Path) -> Path | None:
+    """One horizontal bar per phase, on the forward's time axis: median prologue, GEMV and barrier
+    wait of the programs (the GEMV bar labelled with its GB/s). Returns the path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        log.info("no trace plot: matplotlib unavailable (%s)", exc)
+        return None
+    phases = tr["phases"]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(phases) + 1.4))
+    parts = (("prologue_med", "prologue", "C1"), ("gemv_med", "GEMV", "C0"),
+             ("wait_med", "barrier wait", "C7"))
+    for i, ph in enumerate(phases):
+        left = ph["start"]
+        for key, label, color in parts:
+            ax.barh(i, ph[key], left=left, color=color, label=label if i == 0 else None)
+            if key == "gemv_med" and ph.get("gemv_gbs"):
+                ax.text(left + ph[key] / 2, i, f"{ph['gemv_gbs'] / 1e3:.1f} TB/s", ha="center", va="center",
+                        fontsize=7, color="white")
+            left += ph[key]
+    ax.set_yticks(range(len(phases)), [ph["phase"] for ph in phases])
+    ax.invert_yaxis()
+    ax.set_xlabel("µs from the first program's start (medians over programs)")
+    ax.set_title(f"{tr['model']}, {tr['label']}: {tr['total_us']:.1f} µs traced, {tr['programs']} programs")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def trace_trunk(name: str, dev: torch.device, configs: list[FusedConfig]) -> list[dict]:
     """Per-phase timelines (:meth:`FusedTrunk.trace`) of the persistent configs."""
@@ -172,6 +207,15 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_trace_plots(traces: list[dict], json_path: Path) -> int:
+    """``<json stem>_trace<i>.png`` beside the JSON for every recorded timeline."""
+    for i, tr in enumerate(t for t in traces if "phases" in t):
+        out = plot_trace(tr, json_path.with_name(f"{json_path.stem}_trace{i}.png"))
+        if out:
+            print(f"timeline plot: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ablation; prints a markdown table and writes JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -188,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also record per-phase timelines (%%globaltimer stamps) of the first N persistent "
                         "configs")
     p.add_argument("--trace-only", action="store_true", help="only the timelines, no latency table")
+    p.add_argument("--replot", action="store_true",
+                   help="no GPU run: redraw the timeline plots of the JSON that --json names")
     args = p.parse_args(argv)
+    if args.replot:
+        return _write_trace_plots(json.loads(args.json.read_text())["traces"], args.json)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: the fused trunk benchmark needs the GPU machine")
     dev = torch.device("cuda")
@@ -205,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "ceilings": ceilings, "rows": rows, "traces": traces}
     args.json.write_text(json.dumps(doc, indent=1, default=str))
+    _write_trace_plots(traces, args.json)
     print(f"\nMachine: {info.get('gpu')} | torch {info['torch']} | triton {info.get('triton')} | "
           f"floor at {ceilings['bw_gbs']:.0f} GB/s\n")
     print(_table(rows), flush=True)
