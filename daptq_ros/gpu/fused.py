@@ -66,7 +66,7 @@ class FusedConfig:
     num_warps: int = 8
     programs_per_sm: int = 1
     persistent: bool = True
-    quad: bool = True  # sixth run: 4 % faster than one K-word per dot (docs/gpu_bench.md)
+    quad: bool = True  # sixth run: 3-5 % faster than one K-word per dot (docs/gpu_bench.md)
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
 
     def __post_init__(self) -> None:
