@@ -43,27 +43,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from daptq_ros.gpu._triton_kernels import _q4x8_dot_words
+from daptq_ros.gpu._triton_kernels import Q4_DEQUANT_CONSTS_PTX, _q4x8_dot_words, q4_dequant_word_ptx
 
 
 def _q4x32_dot_asm() -> str:
     """PTX of Σ q·x/16 over four K-major int4 words (32 weights) and their 16 fp16x2 activation
-    words: the dequantization of :data:`~daptq_ros.gpu._triton_kernels._Q4X8_DOT_ASM` per word,
-    the products accumulated in two fp16x2 registers (words 0-1, 2-3), one fp32 result."""
+    words: each word dequantized as in the per-Linear GEMV (:func:`~daptq_ros.gpu._triton_kernels.
+    q4_dequant_word_ptx`), the products accumulated in two fp16x2 registers (words 0-1, 2-3), one
+    fp32 result."""
     lines = ["{", ".reg .b32 a, b, c, d, v, k16, kb16, k256, kb256, s0, s1;", ".reg .b16 lo, hi;",
-             ".reg .f32 flo, fhi;", "mov.b32 k16, 0x2C002C00;", "mov.b32 kb16, 0xD408D408;",
-             "mov.b32 k256, 0x1C001C00;", "mov.b32 kb256, 0xC480C480;"]
+             ".reg .f32 flo, fhi;", *Q4_DEQUANT_CONSTS_PTX]
     for i in range(4):
         acc = f"s{i // 2}"
         x = [f"${5 + 4 * i + j}" for j in range(4)]
-        lines += [f"lop3.b32 a, ${1 + i}, 0x000F000F, 0x64006400, 0xEA;",
-                  f"lop3.b32 b, ${1 + i}, 0x00F000F0, 0x64006400, 0xEA;",
-                  f"shr.u32 v, ${1 + i}, 8;",
-                  "lop3.b32 c, v, 0x000F000F, 0x64006400, 0xEA;",
-                  "lop3.b32 d, v, 0x00F000F0, 0x64006400, 0xEA;",
-                  "fma.rn.f16x2 a, a, k16, kb16;", "fma.rn.f16x2 b, b, k256, kb256;",
-                  "fma.rn.f16x2 c, c, k16, kb16;", "fma.rn.f16x2 d, d, k256, kb256;",
-                  (f"mul.rn.f16x2 {acc}, a, {x[0]};" if i % 2 == 0
+        lines += q4_dequant_word_ptx(f"${1 + i}")
+        lines += [(f"mul.rn.f16x2 {acc}, a, {x[0]};" if i % 2 == 0
                    else f"fma.rn.f16x2 {acc}, a, {x[0]}, {acc};"),
                   f"fma.rn.f16x2 {acc}, b, {x[1]}, {acc};", f"fma.rn.f16x2 {acc}, c, {x[2]}, {acc};",
                   f"fma.rn.f16x2 {acc}, d, {x[3]}, {acc};"]

@@ -438,34 +438,31 @@ def w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 # run inline PTX); tests check both paths against float32.
 # ---------------------------------------------------------------------------------------------
 
-_Q4X8_DOT_ASM = tl.constexpr("""
-{
-.reg .b32 a, b, c, d, v, k16, kb16, k256, kb256, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.u32 v, $1, 8;
-lop3.b32 c, v, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 d, v, 0x00F000F0, 0x64006400, 0xEA;
-mov.b32 k16, 0x2C002C00;
-mov.b32 kb16, 0xD408D408;
-mov.b32 k256, 0x1C001C00;
-mov.b32 kb256, 0xC480C480;
-fma.rn.f16x2 a, a, k16, kb16;
-fma.rn.f16x2 b, b, k256, kb256;
-fma.rn.f16x2 c, c, k16, kb16;
-fma.rn.f16x2 d, d, k256, kb256;
-mul.rn.f16x2 acc, a, $2;
-fma.rn.f16x2 acc, b, $3, acc;
-fma.rn.f16x2 acc, c, $4, acc;
-fma.rn.f16x2 acc, d, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
+# The dequantization constants (fp16x2 registers) and the per-word dequantization: a word's
+# eight offset-binary nibbles → four fp16x2 registers a, b, c, d of q/16, one weight pair each.
+Q4_DEQUANT_CONSTS_PTX = ("mov.b32 k16, 0x2C002C00;", "mov.b32 kb16, 0xD408D408;",
+                         "mov.b32 k256, 0x1C001C00;", "mov.b32 kb256, 0xC480C480;")
+
+
+def q4_dequant_word_ptx(word: str) -> list[str]:
+    """PTX lines dequantizing the K-major int4 word in register ``word`` into a, b, c, d (the
+    registers v, k16, kb16, k256, kb256 must be declared; the constants set by
+    :data:`Q4_DEQUANT_CONSTS_PTX`)."""
+    return [f"lop3.b32 a, {word}, 0x000F000F, 0x64006400, 0xEA;",
+            f"lop3.b32 b, {word}, 0x00F000F0, 0x64006400, 0xEA;",
+            f"shr.u32 v, {word}, 8;",
+            "lop3.b32 c, v, 0x000F000F, 0x64006400, 0xEA;",
+            "lop3.b32 d, v, 0x00F000F0, 0x64006400, 0xEA;",
+            "fma.rn.f16x2 a, a, k16, kb16;", "fma.rn.f16x2 b, b, k256, kb256;",
+            "fma.rn.f16x2 c, c, k16, kb16;", "fma.rn.f16x2 d, d, k256, kb256;"]
+
+
+_Q4X8_DOT_ASM = tl.constexpr("\n".join([
+    "{", ".reg .b32 a, b, c, d, v, k16, kb16, k256, kb256, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+    *Q4_DEQUANT_CONSTS_PTX, *q4_dequant_word_ptx("$1"),
+    "mul.rn.f16x2 acc, a, $2;", "fma.rn.f16x2 acc, b, $3, acc;", "fma.rn.f16x2 acc, c, $4, acc;",
+    "fma.rn.f16x2 acc, d, $5, acc;", "mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;",
+    "add.f32 $0, flo, fhi;", "}"]))
 # The constants: 1/16 = 0x2C00, −(1032/16) = −64.5 = 0xD408, 1/256 = 0x1C00, −4.5 = 0xC480, so
 # (1024 + t)/16 − 64.5 = (1024 + 16t)/256 − 4.5 = (t − 8)/16 = q/16, exactly.
 
