@@ -358,10 +358,9 @@ class FusedTrunk(nn.Module):
             self.run_fused(x, persistent=True, trace=buf)
             torch.cuda.synchronize(device)
             runs.append(buf.cpu().double() / 1e3)  # µs
-        meta = self.meta.cpu()
         bn = self.config.block_n
         cell_bytes = self.group_size // 8 * bn * 4 + bn * 2  # int4 words + bf16 scales
-        gemv_bytes = [int(m[3] * m[4]) * cell_bytes for m in meta]
+        gemv_bytes = [cells * cell_bytes for cells in self._gemv_cells]
         names = [f"L{i // 4} {('qkv', 'o', 'fc1', 'fc2')[i % 4]}" for i in range(4 * self.n_layers)]
         names.append("final LN")
         phases = []
