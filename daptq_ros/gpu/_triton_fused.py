@@ -186,12 +186,17 @@ def _q4x32_dot(w, x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _step_group(g, t, n_groups):
+    """Group and tile of the next cell: cells run through a tile's groups, then the next tile's."""
+    g += 1
+    return tl.where(g == n_groups, 0, g), tl.where(g == n_groups, t + 1, t)
+
+
+@triton.jit
 def _next_cell(c, g, t, last, n_groups):
     """Cell index, group and tile one cell on (cells run through a tile's groups, then the next
     tile's), held at ``last``: the ring's loads past the range re-read the last cell."""
-    g_next = g + 1
-    t_next = tl.where(g_next == n_groups, t + 1, t)
-    g_next = tl.where(g_next == n_groups, 0, g_next)
+    g_next, t_next = _step_group(g, t, n_groups)
     at_end = c >= last
     return tl.minimum(c + 1, last), tl.where(at_end, g, g_next), tl.where(at_end, t, t_next)
 
@@ -321,10 +326,7 @@ def _cell_step(w, x, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: 
         tl.atomic_add(out_ptr + rows, 16.0 * tl.sum(acc, axis=0) + extra, mask=rows < n_out, sem="relaxed")
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    g += 1
-    if g == n_groups:
-        g = 0
-        t += 1
+    g, t = _step_group(g, t, n_groups)
     return acc, extra, g, t
 
 
