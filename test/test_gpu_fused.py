@@ -69,14 +69,14 @@ def test_pair_scales_keep_the_bf16_bits_two_groups_per_word(n_groups):
         assert torch.count_nonzero(words[:, -1] >> 16) == 0
 
 
-@pytest.mark.parametrize("bias,fused_qkv,block_n,quad",
-                         [(False, True, 256, True), (True, False, 64, True), (False, True, 128, False),
-                          (True, False, 64, False)])
-def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, quad):
+@pytest.mark.parametrize("bias,fused_qkv,block_n,quad,ln_subset",
+                         [(False, True, 256, True, False), (True, False, 64, True, True),
+                          (False, True, 128, False, True), (True, False, 64, False, False)])
+def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, quad, ln_subset):
     # ffn = 384 is not a multiple of 256: the padded tile rows must not leak into the output;
     # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries
     q = _f16x2(_trunk(bias=bias, fused_qkv=fused_qkv))
-    fused = FusedTrunk(q, FusedConfig(block_n=block_n, quad=quad))
+    fused = FusedTrunk(q, FusedConfig(block_n=block_n, quad=quad, ln_subset=ln_subset))
     ref = fused.reference()
     gen = torch.Generator(device=DEV).manual_seed(1)
     for i in range(2):  # the second call checks that the accumulators were left zeroed
@@ -90,17 +90,18 @@ def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, qua
         assert relative_error(y.float(), q(x).float()) < 1e-2
 
 
-def test_many_programs_build_only_their_groups_of_a_pointwise_input(monkeypatch):
-    # 16 interpreter programs: most get at most one cell of the O and FC2 GEMVs, so their v / GELU
-    # prologues take the subset path (their groups only, wrapping at the row end); the output
-    # must not change
+@pytest.mark.parametrize("ln_subset", [False, True])
+def test_many_programs_build_only_their_groups_of_an_input(monkeypatch, ln_subset):
+    # 16 interpreter programs: most get at most one or two cells of each GEMV, so their v / GELU
+    # prologues (and with ln_subset their LayerNorm prologues) take the subset path (their groups
+    # only, wrapping at the row end); the output must not change
     from daptq_ros.gpu import fused as fused_mod
 
     q = _f16x2(_trunk(bias=True, fused_qkv=False))
     x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
     few = FusedTrunk(q, FusedConfig(block_n=64))(x).float()
     monkeypatch.setattr(fused_mod, "_INTERPRET_PROGRAMS", 16)
-    many = FusedTrunk(q, FusedConfig(block_n=64))
+    many = FusedTrunk(q, FusedConfig(block_n=64, ln_subset=ln_subset, early_arrive=ln_subset))
     assert many.n_programs(x.device) == 16
     assert many._subset_pairs(16) == 128  # QKV: 24 cells over 16 programs → ≤ 2 cells × 64 pairs
     y = many(x).float()
@@ -231,7 +232,8 @@ k = comp(tf.fused_trunk_kernel, sig,
          {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 256, "BLOCK_D": 4096, "BLOCK_PD": 2048,
           "BLOCK_S": 1024, "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False,
           "USE_ASM": True,
-          "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256},
+          "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256,
+          "LN_SUBSET": True, "EARLY_ARRIVE": True},
          8, num_stages=1)
 ptx = k.asm["ptx"]
 out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),

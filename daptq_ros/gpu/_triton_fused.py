@@ -362,24 +362,66 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, SRC_BF16: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    """LayerNorm(src)·γ + β of the whole row → this program's own packed activation words.
+def _load_affine(gamma_ptr, beta_ptr, pairs, mask):
+    """γ and β of the given pairs (even, odd elements each)."""
+    return (tl.load(gamma_ptr + 2 * pairs, mask=mask), tl.load(gamma_ptr + 2 * pairs + 1, mask=mask),
+            tl.load(beta_ptr + 2 * pairs, mask=mask), tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
 
-    One pass over memory: the row, γ and β are loaded at once (``BLOCK_P`` ≥ n/2 pairs), the two
-    reductions (mean, then variance) run on the registers."""
-    pairs = tl.arange(0, BLOCK_P)
-    mask = pairs < n // 2
-    e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
-    ge = tl.load(gamma_ptr + 2 * pairs, mask=mask)
-    go = tl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
-    be = tl.load(beta_ptr + 2 * pairs, mask=mask)
-    bo = tl.load(beta_ptr + 2 * pairs + 1, mask=mask)
+
+@triton.jit
+def _normalize_store(e, o, mask, mean, rstd, affine, act_ptr, pairs):
+    """(x - mean)·rstd·γ + β of the given pairs (even, odd elements ``e``, ``o``; ``affine`` from
+    :func:`_load_affine`) → packed words."""
+    ge, go, be, bo = affine
+    packed = _pack_f16x2((e - mean) * rstd * ge + be, (o - mean) * rstd * go + bo)
+    tl.store(act_ptr + pairs, packed, mask=mask)
+
+
+@triton.jit
+def _pair_stats(e, o, mask, n, eps):
+    """Mean and 1/σ (two-pass, fp32) of a row held as its even and odd elements."""
     mean = (tl.sum(e, axis=0) + tl.sum(o, axis=0)) / n
     de = tl.where(mask, e - mean, 0.0)
     do = tl.where(mask, o - mean, 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(de * de, axis=0) + tl.sum(do * do, axis=0)) / n + eps)
-    tl.store(act_ptr + pairs, _pack_f16x2(de * rstd * ge + be, do * rstd * go + bo), mask=mask)
+    return mean, 1.0 / tl.sqrt((tl.sum(de * de, axis=0) + tl.sum(do * do, axis=0)) / n + eps)
+
+
+@triton.jit
+def _own_groups(meta_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Whether this program's cells of GEMV ``j`` span fewer K-groups than the row (and fit
+    ``BLOCK_S`` pairs), the first group of its run (the run may wrap at the row's end) and the
+    number of pairs in it."""
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    HALF: tl.constexpr = GROUP // 2
+    return ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S), c0 % n_groups, (c1 - c0) * HALF
+
+
+@triton.jit
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid, n_prog, GROUP: tl.constexpr,
+                 SRC_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SUBSET: tl.constexpr):
+    """LayerNorm(src)·γ + β → this program's own packed activation words, in one round of loads.
+
+    The statistics need the whole row (``BLOCK_P`` ≥ n/2 pairs, loaded at once, two reductions on
+    the registers). With ``SUBSET`` only the K-groups of this program's cells of GEMV ``j`` are
+    normalized and stored (their elements, γ and β loaded alongside the row), as the pointwise
+    prologues do; otherwise, or when the cells span the whole row, all of it."""
+    pairs = tl.arange(0, BLOCK_P)
+    mask = pairs < n // 2
+    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
+    if SUBSET and few:  # every load is issued before the reductions (one L2 round trip)
+        i = tl.arange(0, BLOCK_S)
+        mine = (g0 * (GROUP // 2) + i) % (n // 2)
+        m = i < n_mine
+        me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
+        mine_affine = _load_affine(gamma_ptr, beta_ptr, mine, m)  # (branch-local names: other shapes)
+        e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+        mean, rstd = _pair_stats(e, o, mask, n, eps)
+        _normalize_store(me, mo, m, mean, rstd, mine_affine, act_ptr, mine)
+    else:
+        e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+        affine = _load_affine(gamma_ptr, beta_ptr, pairs, mask)
+        mean, rstd = _pair_stats(e, o, mask, n, eps)
+        _normalize_store(e, o, mask, mean, rstd, affine, act_ptr, pairs)
 
 
 @triton.jit
@@ -397,14 +439,12 @@ def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: tl
     """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words.
 
     Only the K-groups of this program's cells of GEMV ``j`` are built when they are fewer than the
-    row's (a contiguous run of groups, wrapping at the row's end; ``BLOCK_S`` ≥ that many pairs),
-    else the whole row (``BLOCK_P`` ≥ n/2 pairs); either way in one round of loads."""
-    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
-    HALF: tl.constexpr = GROUP // 2
-    if ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S):
+    row's (:func:`_own_groups`; ``BLOCK_S`` ≥ that many pairs), else the whole row (``BLOCK_P`` ≥
+    n/2 pairs); either way in one round of loads."""
+    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
+    if few:
         i = tl.arange(0, BLOCK_S)
-        mine = ((c0 % n_groups) * HALF + i) % (n // 2)
-        _pointwise_pairs(src_ptr, act_ptr, mine, i < (c1 - c0) * HALF, GELU)
+        _pointwise_pairs(src_ptr, act_ptr, (g0 * (GROUP // 2) + i) % (n // 2), i < n_mine, GELU)
     else:
         pairs = tl.arange(0, BLOCK_P)
         _pointwise_pairs(src_ptr, act_ptr, pairs, pairs < n // 2, GELU)
@@ -446,13 +486,20 @@ def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog,
 
 
 @triton.jit
-def _grid_sync(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr, THREADS: tl.constexpr):
-    """Grid-wide barrier: arrive (release), poll the counter until ``target`` programs have arrived,
-    then acquire. One thread per program polls (:func:`_load_acquire`), so the counter's L2 slice
-    sees one request per program and poll, not one per warp. A poll past ``MAX_SPIN`` sets the
-    error flag instead of hanging (a grid that is not co-resident)."""
-    tl.debug_barrier()  # every thread's stores and atomics of the phase are issued
+def _arrive(bar_ptr):
+    """Grid barrier, first half: once every thread's stores and atomics of the phase are issued,
+    count this program in (a release: its ``membar`` waits for them, and for any load still in
+    flight on the arriving thread)."""
+    tl.debug_barrier()
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _await(bar_ptr, err_ptr, target, MAX_SPIN: tl.constexpr, THREADS: tl.constexpr):
+    """Grid barrier, second half: poll the counter until ``target`` programs have arrived, then
+    acquire. One thread per program polls (:func:`_load_acquire`), so the counter's L2 slice sees
+    one request per program and poll, not one per warp. A poll past ``MAX_SPIN`` sets the error
+    flag instead of hanging (a grid that is not co-resident)."""
     seen = _load_acquire(bar_ptr, THREADS)
     spins = 0
     while (seen < target) & (spins < MAX_SPIN):
@@ -494,7 +541,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                        BLOCK_S: tl.constexpr, SLICE: tl.constexpr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
-                       L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
+                       L2_AHEAD: tl.constexpr, THREADS: tl.constexpr, LN_SUBSET: tl.constexpr,
+                       EARLY_ARRIVE: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
 
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
@@ -518,10 +566,12 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
         else:
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
                 if layer == 0:
-                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, True, BLOCK_PD)
+                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                                 BLOCK_PD, BLOCK_S, LN_SUBSET)
                     _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE)
                 else:
-                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, False, BLOCK_PD)
+                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
+                                 BLOCK_PD, BLOCK_S, LN_SUBSET)
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
@@ -529,7 +579,8 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                                     BLOCK_PD, BLOCK_S)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
-                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, False, BLOCK_PD)
+                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
+                             False, BLOCK_PD, BLOCK_S, LN_SUBSET)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
@@ -540,13 +591,19 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             _stamp(trace_ptr, stamps + 1, TRACE)
             _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
                         HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS)
+            _stamp(trace_ptr, stamps + 2, TRACE)
+            if EARLY_ARRIVE and (ph + 1 < phase_end):
+                _arrive(bar_ptr)  # before the loads below, so that its membar need not wait for them
             # the next GEMV's first weights stream in during the barrier and its prologue
             pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
                                  QUAD, L2_AHEAD, THREADS)
-        _stamp(trace_ptr, stamps + 2, TRACE)
-        if ph + 1 < phase_end:
+        if layer == n_layers:
+            _stamp(trace_ptr, stamps + 2, TRACE)
+        if ph + 1 < phase_end:  # (the final LayerNorm is the last phase: a barrier follows a GEMV)
             n_sync += 1
-            _grid_sync(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS)
+            if not EARLY_ARRIVE:
+                _arrive(bar_ptr)
+            _await(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS)
         _stamp(trace_ptr, stamps + 3, TRACE)
     if n_sync > 0:  # the last program out resets the counters for the next launch
         tl.debug_barrier()

@@ -60,6 +60,10 @@ class FusedConfig:
             before fp32 (fewer instructions per weight), instead of one K-word (8 products).
         l2_ahead: cells prefetched into L2 past the two-cell register ring (0 = none, up to 16);
             the next GEMV's first ones are requested before each barrier.
+        ln_subset: the LayerNorm prologues normalize only the K-groups of the program's own cells
+            (the statistics still come from the whole row), as the v and GELU prologues do.
+        early_arrive: a program counts itself in at the grid barrier before it loads the next
+            GEMV's first cells, so the arrive's memory fence does not wait for those loads.
     """
 
     block_n: int = 256
@@ -68,6 +72,8 @@ class FusedConfig:
     persistent: bool = True
     quad: bool = True  # sixth run: 3-5 % faster than one K-word per dot (docs/gpu_bench.md)
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
+    ln_subset: bool = False
+    early_arrive: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -286,6 +292,7 @@ class FusedTrunk(nn.Module):
             "HAS_BIAS": self.has_bias,
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
             "L2_AHEAD": self.config.l2_ahead if on_gpu else 0, "THREADS": 32 * self.config.num_warps,
+            "LN_SUBSET": self.config.ln_subset, "EARLY_ARRIVE": self.config.early_arrive,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
         }
