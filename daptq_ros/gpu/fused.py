@@ -64,6 +64,8 @@ class FusedConfig:
             (the statistics still come from the whole row), as the v and GELU prologues do.
         early_arrive: a program counts itself in at the grid barrier before it loads the next
             GEMV's first cells, so the arrive's memory fence does not wait for those loads.
+        balance: (with ``quad``) programs' ranges start and end at quarter cells, not whole
+            cells, so every program streams the same bytes to within a quarter cell.
     """
 
     block_n: int = 256
@@ -74,6 +76,7 @@ class FusedConfig:
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
     ln_subset: bool = False
     early_arrive: bool = False
+    balance: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -267,7 +270,8 @@ class FusedTrunk(nn.Module):
             z = lambda n, dt=torch.float32: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
             p = self.n_programs(device)
             s = {"res": z(d), "qkv": z(math.ceil(3 * d / bn) * bn), "f": z(math.ceil(f / bn) * bn),
-                 "act": z(p * _act_stride(d, f), torch.int32), "bar": z(2, torch.int32),
+                 # every program's packed GEMV input, then the kernel's block of 16 zero words
+                 "act": z(p * _act_stride(d, f) + 16, torch.int32), "bar": z(2, torch.int32),
                  "err": z(1, torch.int32)}
             self._scratch[device] = s
         return s
@@ -293,15 +297,18 @@ class FusedTrunk(nn.Module):
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
             "L2_AHEAD": self.config.l2_ahead if on_gpu else 0, "THREADS": 32 * self.config.num_warps,
             "LN_SUBSET": self.config.ln_subset, "EARLY_ARRIVE": self.config.early_arrive,
+            "BALANCE": self.config.balance,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
         }
         return p, consts
 
     def _subset_pairs(self, programs: int) -> int:
-        """Pairs a pointwise prologue builds when a program's cells span fewer groups than the row:
-        the most cells any program gets in any GEMV, times GROUP/2 (a power of two ≥ 16)."""
+        """Pairs a prologue builds when a program's cells span fewer groups than the row: the most
+        cells any program touches in any GEMV (one more with ``balance``: a range may start and
+        end inside a cell), times GROUP/2 (a power of two ≥ 16)."""
         most = max(math.ceil(cells / programs) for cells in self._gemv_cells)
+        most += int(self.config.quad and self.config.balance)
         return max(16, _next_pow2(most * self.group_size // 2))
 
     @torch.no_grad()
