@@ -605,7 +605,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
     n_prog = tl.num_programs(0)
     n_gemv = 4 * n_layers
     mine = act_ptr + pid * ACT_STRIDE  # this program's packed GEMV input
-    act = (mine, (n_prog - pid) * ACT_STRIDE)  # and the zero block after every program's slice
+    act = (mine, ACT_STRIDE - 16)  # and the offset of the slice's own 16 zero words (never written)
     n_sync = 0
     n_phases = 4 * n_layers + 1
     PARTS: tl.constexpr = 4 if QUAD and BALANCE else 1  # ranges may start and end at a quarter cell

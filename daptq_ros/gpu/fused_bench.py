@@ -37,16 +37,17 @@ TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
 # One change at a time from the default.
-GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, l2_ahead=0),
-        replace(BASE, l2_ahead=2), replace(BASE, l2_ahead=8), replace(BASE, l2_ahead=16),
-        replace(BASE, block_n=512, num_warps=16), replace(BASE, block_n=128, num_warps=4)]
+GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, l2_ahead=2),
+        replace(BASE, balance=True), replace(BASE, early_arrive=False), replace(BASE, ln_subset=False),
+        replace(BASE, block_n=256)]
 
 
 def _label(cfg: FusedConfig) -> str:
-    quad = " quad" if cfg.quad else ""
+    flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset),
+                                   ("bal", cfg.balance)) if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
-            f"w{cfg.num_warps}x{cfg.programs_per_sm}{quad}{l2}")
+            f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
 
 
 def parse_config(text: str) -> FusedConfig:
