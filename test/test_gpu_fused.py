@@ -94,20 +94,16 @@ def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, qua
 def test_many_programs_build_only_their_groups_of_an_input(monkeypatch, ln_subset):
     # 16 interpreter programs: most get at most one or two cells of each GEMV, so their v / GELU
     # prologues (and with ln_subset their LayerNorm prologues) take the subset path (their groups
-    # only, wrapping at the row end); the output must not change. With balance, most cells are
-    # shared by two programs (a quarter-cell split, with a bias in every GEMV: added once)
+    # only, wrapping at the row end); the output must not change
     from daptq_ros.gpu import fused as fused_mod
 
     q = _f16x2(_trunk(bias=True, fused_qkv=False))
     x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
     few = FusedTrunk(q, FusedConfig(block_n=64))(x).float()
     monkeypatch.setattr(fused_mod, "_INTERPRET_PROGRAMS", 16)
-    many = FusedTrunk(q, FusedConfig(block_n=64, ln_subset=ln_subset, early_arrive=ln_subset,
-                                     balance=ln_subset))
+    many = FusedTrunk(q, FusedConfig(block_n=64, ln_subset=ln_subset, early_arrive=ln_subset))
     assert many.n_programs(x.device) == 16
-    # QKV: 24 cells over 16 programs → ≤ 2 cells × 64 pairs; with balance (ranges start and end at
-    # quarter cells: most programs share a cell with a neighbour) ≤ 3 cells → 256
-    assert many._subset_pairs(16) == (256 if ln_subset else 128)
+    assert many._subset_pairs(16) == 128  # QKV: 24 cells over 16 programs → ≤ 2 cells × 64 pairs
     y = many(x).float()
     assert relative_error(y, many.reference()(x.float())) < 1e-2
     assert relative_error(y, few) < 1e-3
@@ -237,7 +233,7 @@ k = comp(tf.fused_trunk_kernel, sig,
           "BLOCK_S": 1024, "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False,
           "USE_ASM": True,
           "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256,
-          "LN_SUBSET": True, "EARLY_ARRIVE": True, "BALANCE": True},
+          "LN_SUBSET": True, "EARLY_ARRIVE": True},
          8, num_stages=1)
 ptx = k.asm["ptx"]
 out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),

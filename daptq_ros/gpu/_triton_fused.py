@@ -84,15 +84,12 @@ def _pack_f16x2(even, odd):
 
 
 @triton.jit
-def _cell_range(meta_ptr, j, pid, n_prog, PARTS: tl.constexpr):
-    """GEMV ``j``'s cell count per tile, this program's range [q0, q1) in ``PARTS``-ths of a cell
-    (equal bytes per program to within one part), and the cells it touches, [c0, c1)."""
+def _cell_range(meta_ptr, j, pid, n_prog):
+    """GEMV ``j``'s cell count per tile, and this program's cell range [c0, c1)."""
     row = meta_ptr + j * META_STRIDE
     n_groups = tl.load(row + META_GROUPS).to(tl.int32)
-    n_parts = tl.load(row + META_TILES).to(tl.int32) * n_groups * PARTS
-    q0 = pid * n_parts // n_prog
-    q1 = (pid + 1) * n_parts // n_prog
-    return n_groups, q0, q1, q0 // PARTS, (q1 + PARTS - 1) // PARTS
+    n_cells = tl.load(row + META_TILES).to(tl.int32) * n_groups
+    return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
 
 
 @triton.jit
@@ -131,86 +128,40 @@ def _scale_of(words, g):
 
 
 @triton.jit
-def _in_range(c, i, src):
-    """Part ``i`` of cell ``c`` lies in this program's range [q0, q1) (``src[6:8]``, in quarters)."""
-    return (c * 4 + i >= src[6]) & (c * 4 + i < src[7])
-
-
-@triton.jit
-def _part_offset(c, i, src, Q: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Word offset of quad block ``i`` in cell ``c``: its own, or — for a part of a cell shared
-    with a neighbouring range, not this program's — that of the cell's first part in range, so
-    the load costs no memory traffic (an L1 hit on words loaded anyway); its activations are
-    zeros (:func:`_act_loads`), so it adds nothing."""
-    first = tl.maximum(src[6] - c * 4, 0)
-    return tl.where(_in_range(c, i, src), i, first) * (Q * BLOCK_N)
-
-
-@triton.jit
-def _weight_loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: tl.constexpr,
-                  PARTS: tl.constexpr):
+def _weight_loads(src, c, g, t, GW: tl.constexpr, BLOCK_N: tl.constexpr, QUAD: tl.constexpr):
     """Cell ``c`` (tile ``t``, group ``g``): its int4 words — one [GW, BLOCK_N] block, or with
-    ``QUAD`` four [GW/4, BLOCK_N] blocks (K-words i·GW/4 + r, a quarter of the cell each; with
-    ``PARTS`` = 4, see :func:`_part_offset`) — and its scale pair words. ``src`` = (weights,
-    scales, activations, groups per tile, row offsets, column offsets, range start and end in
-    parts, offset of a zero block from the activations)."""
-    w_base, s_base, _, n_groups, offs_r, offs_n, _, _, _ = src
-    cell = w_base + c * (GW * BLOCK_N)  # scalar: the per-part offsets stay in uniform registers
-    inner = offs_r[:, None] * BLOCK_N + offs_n[None, :]
+    ``QUAD`` four [GW/4, BLOCK_N] blocks (K-words i·GW/4 + r) — and its scale pair words.
+    ``src`` = (weights, scales, activations, groups per tile, row offsets, column offsets)."""
+    w_base, s_base, _, n_groups, offs_r, offs_n = src
+    w = w_base + c * (GW * BLOCK_N) + offs_r[:, None] * BLOCK_N + offs_n[None, :]
     sw = _scale_loads(s_base, g, t, n_groups, offs_r, offs_n, BLOCK_N)
-    if QUAD and PARTS == 1:
-        Q1: tl.constexpr = GW // 4
-        w = cell + inner
-        return (tl.load(w, eviction_policy="evict_first"),
-                tl.load(w + Q1 * BLOCK_N, eviction_policy="evict_first"),
-                tl.load(w + 2 * Q1 * BLOCK_N, eviction_policy="evict_first"),
-                tl.load(w + 3 * Q1 * BLOCK_N, eviction_policy="evict_first"), sw)
-    elif QUAD:
+    if QUAD:
         Q: tl.constexpr = GW // 4
-        EF: tl.constexpr = "evict_first"
-        return (tl.load((cell + _part_offset(c, 0, src, Q, BLOCK_N)) + inner, eviction_policy=EF),
-                tl.load((cell + _part_offset(c, 1, src, Q, BLOCK_N)) + inner, eviction_policy=EF),
-                tl.load((cell + _part_offset(c, 2, src, Q, BLOCK_N)) + inner, eviction_policy=EF),
-                tl.load((cell + _part_offset(c, 3, src, Q, BLOCK_N)) + inner, eviction_policy=EF), sw)
+        return (tl.load(w, eviction_policy="evict_first"),
+                tl.load(w + Q * BLOCK_N, eviction_policy="evict_first"),
+                tl.load(w + 2 * Q * BLOCK_N, eviction_policy="evict_first"),
+                tl.load(w + 3 * Q * BLOCK_N, eviction_policy="evict_first"), sw)
     else:
-        return tl.load(cell + inner, eviction_policy="evict_first"), sw
+        return tl.load(w, eviction_policy="evict_first"), sw
 
 
 @triton.jit
-def _act_loads(src, c, g, GW: tl.constexpr, QUAD: tl.constexpr, PARTS: tl.constexpr):
+def _act_loads(src, g, GW: tl.constexpr, QUAD: tl.constexpr):
     """The packed activation-pair words of group ``g`` each thread's K-words need: 4 per K-word
-    row (one block), or 16 (``QUAD``: 4 rows i·GW/4 + r, block-major; with ``PARTS`` = 4 the rows
-    of a part of cell ``c`` outside the program's range read a block of zeros instead)."""
-    act_ptr = src[2]
-    offs_r = src[4]
-    grp = act_ptr + g * GW * 4  # scalar
-    xp = grp + offs_r * 4
-    if QUAD and PARTS == 1:
-        R: tl.constexpr = GW // 4
+    row (one block), or 16 (``QUAD``: 4 rows i·GW/4 + r, block-major)."""
+    _, _, act_ptr, _, offs_r, _ = src
+    xp = act_ptr + (g * GW + offs_r) * 4
+    if QUAD:
+        Q: tl.constexpr = GW // 4
         return (tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
                 tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"),
-                tl.load(xp + 4 * R, cache_modifier=".cg"), tl.load(xp + 4 * R + 1, cache_modifier=".cg"),
-                tl.load(xp + 4 * R + 2, cache_modifier=".cg"), tl.load(xp + 4 * R + 3, cache_modifier=".cg"),
-                tl.load(xp + 8 * R, cache_modifier=".cg"), tl.load(xp + 8 * R + 1, cache_modifier=".cg"),
-                tl.load(xp + 8 * R + 2, cache_modifier=".cg"), tl.load(xp + 8 * R + 3, cache_modifier=".cg"),
-                tl.load(xp + 12 * R, cache_modifier=".cg"), tl.load(xp + 12 * R + 1, cache_modifier=".cg"),
-                tl.load(xp + 12 * R + 2, cache_modifier=".cg"),
-                tl.load(xp + 12 * R + 3, cache_modifier=".cg"))
-    elif QUAD:
-        Q: tl.constexpr = GW // 4
-        zero = src[8] - g * GW * 4  # grp + zero: the zero block
-        x0 = (grp + tl.where(_in_range(c, 0, src), 0, zero)) + offs_r * 4
-        x1 = (grp + tl.where(_in_range(c, 1, src), 4 * Q, zero)) + offs_r * 4
-        x2 = (grp + tl.where(_in_range(c, 2, src), 8 * Q, zero)) + offs_r * 4
-        x3 = (grp + tl.where(_in_range(c, 3, src), 12 * Q, zero)) + offs_r * 4
-        return (tl.load(x0, cache_modifier=".cg"), tl.load(x0 + 1, cache_modifier=".cg"),
-                tl.load(x0 + 2, cache_modifier=".cg"), tl.load(x0 + 3, cache_modifier=".cg"),
-                tl.load(x1, cache_modifier=".cg"), tl.load(x1 + 1, cache_modifier=".cg"),
-                tl.load(x1 + 2, cache_modifier=".cg"), tl.load(x1 + 3, cache_modifier=".cg"),
-                tl.load(x2, cache_modifier=".cg"), tl.load(x2 + 1, cache_modifier=".cg"),
-                tl.load(x2 + 2, cache_modifier=".cg"), tl.load(x2 + 3, cache_modifier=".cg"),
-                tl.load(x3, cache_modifier=".cg"), tl.load(x3 + 1, cache_modifier=".cg"),
-                tl.load(x3 + 2, cache_modifier=".cg"), tl.load(x3 + 3, cache_modifier=".cg"))
+                tl.load(xp + 4 * Q, cache_modifier=".cg"), tl.load(xp + 4 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 4 * Q + 2, cache_modifier=".cg"), tl.load(xp + 4 * Q + 3, cache_modifier=".cg"),
+                tl.load(xp + 8 * Q, cache_modifier=".cg"), tl.load(xp + 8 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 8 * Q + 2, cache_modifier=".cg"), tl.load(xp + 8 * Q + 3, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q, cache_modifier=".cg"), tl.load(xp + 12 * Q + 1, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q + 2, cache_modifier=".cg"),
+                tl.load(xp + 12 * Q + 3, cache_modifier=".cg"))
     else:
         return (tl.load(xp, cache_modifier=".cg"), tl.load(xp + 1, cache_modifier=".cg"),
                 tl.load(xp + 2, cache_modifier=".cg"), tl.load(xp + 3, cache_modifier=".cg"))
@@ -251,34 +202,32 @@ def _next_cell(c, g, t, last, n_groups):
 
 
 @triton.jit
-def _gemv_setup(w_ptr, s_ptr, meta_ptr, act, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                QUAD: tl.constexpr, PARTS: tl.constexpr):
-    """GEMV ``j``'s load sources (see :func:`_weight_loads`; ``act`` = this program's packed input
-    and the offset from it of a block of 16 zero words), this program's cell range [c0, c1), its
-    last cell, and the tile and group of c0."""
+def _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                QUAD: tl.constexpr):
+    """GEMV ``j``'s load sources (see :func:`_weight_loads`), this program's cell range [c0, c1),
+    its last cell, and the tile and group of c0."""
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
     row = meta_ptr + j * META_STRIDE
-    n_groups, q0, q1, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, PARTS)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16)  # the host aligns every offset to 16
     s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16)
-    src = (w_base, s_base, act[0], n_groups, tl.arange(0, ROWS), tl.arange(0, BLOCK_N), q0, q1, act[1])
+    src = (w_base, s_base, act_ptr, n_groups, tl.arange(0, ROWS), tl.arange(0, BLOCK_N))
     t = c0 // n_groups
     return src, c0, c1, tl.maximum(c1 - 1, 0), c0 - t * n_groups, t
 
 
 @triton.jit
-def _first_weights(w_ptr, s_ptr, meta_ptr, act, j, n_gemv, pid, n_prog, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr,
-                   PARTS: tl.constexpr):
+def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """Weights and scales of this program's first two cells of GEMV ``j`` (held at the last GEMV):
     issued before the barrier and the prologue that precede the GEMV, so that their DRAM latency
     overlaps them. With ``L2_AHEAD`` the next ``L2_AHEAD`` cells and the scale rows of every tile
     the range touches are prefetched into L2 as well (DRAM keeps streaming through the barrier)."""
     GW: tl.constexpr = GROUP // 8
     jj = tl.minimum(j, n_gemv - 1)
-    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act, jj, pid, n_prog, GROUP, BLOCK_N,
-                                          QUAD, PARTS)
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, jj, pid, n_prog, GROUP, BLOCK_N,
+                                          QUAD)
     if L2_AHEAD > 0:
         live = (j < n_gemv) & (c1 > c0 + 2)
         n_pf = tl.minimum(c1 - c0 - 2, L2_AHEAD)
@@ -288,15 +237,15 @@ def _first_weights(w_ptr, s_ptr, meta_ptr, act, j, n_gemv, pid, n_prog, GROUP: t
         _prefetch(src[1] + t * pairs * BLOCK_N, n_tiles * pairs * BLOCK_N * 4, (j < n_gemv) & (c1 > c0),
                   THREADS)
     c = tl.minimum(c0, last)
-    first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD, PARTS)
+    first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
     c, g, t = _next_cell(c, g, t, last, src[3])
-    return first, _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD, PARTS)
+    return first, _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
 
 
 @triton.jit
-def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act, out_ptr, j, pid, n_prog,
+def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr, PARTS: tl.constexpr):
+                QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
 
     A register ring of two cells, unrolled by two so that no slot is copied: slot A holds the
@@ -310,22 +259,22 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act, out_ptr, j, pid, n_pr
     registers hold."""
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
-    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act, j, pid, n_prog, GROUP, BLOCK_N,
-                                          QUAD, PARTS)
+    src, c0, c1, last, g, t = _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP, BLOCK_N,
+                                          QUAD)
     row = meta_ptr + j * META_STRIDE
     dst = (src[3], tl.load(row + META_N).to(tl.int32), vec_ptr + tl.multiple_of(tl.load(row + META_BIAS), 16),
-           out_ptr, src[5], src[6])
-    MODE: tl.constexpr = (HAS_BIAS, USE_ASM, QUAD, PARTS)
+           out_ptr, src[5])
+    MODE: tl.constexpr = (HAS_BIAS, USE_ASM, QUAD)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     extra = tl.zeros((BLOCK_N,), dtype=tl.float32)
     c_ld = tl.minimum(c0, last)  # the last cell loaded, its group and tile
     g_ld = g
     t_ld = t
     a_w, b_w = pre
-    a_x = _act_loads(src, c_ld, g_ld, GW, QUAD, PARTS)
+    a_x = _act_loads(src, g_ld, GW, QUAD)
     c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-    b_x = _act_loads(src, c_ld, g_ld, GW, QUAD, PARTS)
-    LOAD: tl.constexpr = (GW, BLOCK_N, QUAD, L2_AHEAD, THREADS, PARTS)
+    b_x = _act_loads(src, g_ld, GW, QUAD)
+    LOAD: tl.constexpr = (GW, BLOCK_N, QUAD, L2_AHEAD, THREADS)
     for c in range(c0, c1, 2):
         acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
         c_ld, g_ld, t_ld, a_w, a_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
@@ -344,8 +293,8 @@ def _refill(src, c, g, t, last, LOAD: tl.constexpr):
     QUAD: tl.constexpr = LOAD[2]
     L2_AHEAD: tl.constexpr = LOAD[3]
     c, g, t = _next_cell(c, g, t, last, src[3])
-    w = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD, LOAD[5])
-    x = _act_loads(src, c, g, GW, QUAD, LOAD[5])
+    w = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
+    x = _act_loads(src, g, GW, QUAD)
     if L2_AHEAD > 0:
         _prefetch(src[0] + (c + L2_AHEAD) * (GW * BLOCK_N), GW * BLOCK_N * 4, c + L2_AHEAD <= last, LOAD[4])
     return c, g, t, w, x
@@ -358,7 +307,7 @@ def _cell_step(w, x, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: 
     accumulator; at the tile's (or the range's) last cell the tile's sums go out as fp32 atomics.
     ``dst`` = (groups per tile, output rows, bias, output, column offsets), ``MODE`` = (HAS_BIAS,
     USE_ASM, QUAD). Returns (acc, extra, g, t) of the next cell."""
-    n_groups, n_out, b_base, out_ptr, offs_n, q0 = dst
+    n_groups, n_out, b_base, out_ptr, offs_n = dst
     HAS_BIAS: tl.constexpr = MODE[0]
     USE_ASM: tl.constexpr = MODE[1]
     QUAD: tl.constexpr = MODE[2]
@@ -370,8 +319,7 @@ def _cell_step(w, x, c, c1, acc, extra, g, t, dst, ROWS: tl.constexpr, BLOCK_N: 
         sw = w[1]
     acc += part * _scale_of(sw, g)
     if HAS_BIAS:
-        if (g == 0) & (c * MODE[3] >= q0):  # the range holding the tile's first part adds
-            # its bias, exactly once
+        if g == 0:  # the range holding a tile's first group adds its bias, exactly once
             extra += tl.load(b_base + t * BLOCK_N + offs_n)
     if (g == n_groups - 1) | (c == c1 - 1):
         rows = t * BLOCK_N + offs_n
@@ -439,19 +387,18 @@ def _pair_stats(e, o, mask, n, eps):
 
 
 @triton.jit
-def _own_groups(meta_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, PARTS: tl.constexpr):
+def _own_groups(meta_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
     """Whether this program's cells of GEMV ``j`` span fewer K-groups than the row (and fit
     ``BLOCK_S`` pairs), the first group of its run (the run may wrap at the row's end) and the
     number of pairs in it."""
-    n_groups, _, _, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, PARTS)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     HALF: tl.constexpr = GROUP // 2
     return ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S), c0 % n_groups, (c1 - c0) * HALF
 
 
 @triton.jit
 def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid, n_prog, GROUP: tl.constexpr,
-                 SRC_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SUBSET: tl.constexpr,
-                 PARTS: tl.constexpr):
+                 SRC_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, SUBSET: tl.constexpr):
     """LayerNorm(src)·γ + β → this program's own packed activation words, in one round of loads.
 
     The statistics need the whole row (``BLOCK_P`` ≥ n/2 pairs, loaded at once, two reductions on
@@ -460,7 +407,7 @@ def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid
     prologues do; otherwise, or when the cells span the whole row, all of it."""
     pairs = tl.arange(0, BLOCK_P)
     mask = pairs < n // 2
-    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S, PARTS)
+    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
     if SUBSET and few:  # every load is issued before the reductions (one L2 round trip)
         i = tl.arange(0, BLOCK_S)
         mine = (g0 * (GROUP // 2) + i) % (n // 2)
@@ -488,14 +435,13 @@ def _pointwise_pairs(src_ptr, act_ptr, pairs, mask, GELU: tl.constexpr):
 
 @triton.jit
 def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: tl.constexpr,
-                        GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-                        PARTS: tl.constexpr):
+                        GELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
     """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words.
 
     Only the K-groups of this program's cells of GEMV ``j`` are built when they are fewer than the
     row's (:func:`_own_groups`; ``BLOCK_S`` ≥ that many pairs), else the whole row (``BLOCK_P`` ≥
     n/2 pairs); either way in one round of loads."""
-    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S, PARTS)
+    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
     if few:
         i = tl.arange(0, BLOCK_S)
         _pointwise_pairs(src_ptr, act_ptr, (g0 * (GROUP // 2) + i) % (n // 2), i < n_mine, GELU)
@@ -596,7 +542,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
                        L2_AHEAD: tl.constexpr, THREADS: tl.constexpr, LN_SUBSET: tl.constexpr,
-                       EARLY_ARRIVE: tl.constexpr, BALANCE: tl.constexpr):
+                       EARLY_ARRIVE: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
 
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
@@ -605,12 +551,10 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
     n_prog = tl.num_programs(0)
     n_gemv = 4 * n_layers
     mine = act_ptr + pid * ACT_STRIDE  # this program's packed GEMV input
-    act = (mine, ACT_STRIDE - 16)  # and the offset of the slice's own 16 zero words (never written)
     n_sync = 0
     n_phases = 4 * n_layers + 1
-    PARTS: tl.constexpr = 4 if QUAD and BALANCE else 1  # ranges may start and end at a quarter cell
-    pre = _first_weights(w_ptr, s_ptr, meta_ptr, act, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
-                         L2_AHEAD, THREADS, PARTS)
+    pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
+                         L2_AHEAD, THREADS)
     for ph in range(phase_begin, phase_end):
         stamps = (pid * n_phases + ph) * 4
         _stamp(trace_ptr, stamps, TRACE)
@@ -623,36 +567,36 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
                 if layer == 0:
                     _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
-                                 BLOCK_PD, BLOCK_S, LN_SUBSET, PARTS)
+                                 BLOCK_PD, BLOCK_S, LN_SUBSET)
                     _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE)
                 else:
                     _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
-                                 BLOCK_PD, BLOCK_S, LN_SUBSET, PARTS)
+                                 BLOCK_PD, BLOCK_S, LN_SUBSET)
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
                 _prologue_pointwise(qkv_ptr + 2 * D, mine, D, meta_ptr, ph, pid, n_prog, GROUP, False,
-                                    BLOCK_PD, BLOCK_S, PARTS)
+                                    BLOCK_PD, BLOCK_S)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
                 _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
-                             False, BLOCK_PD, BLOCK_S, LN_SUBSET, PARTS)
+                             False, BLOCK_PD, BLOCK_S, LN_SUBSET)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
                 _prologue_pointwise(f_ptr, mine, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
-                                    BLOCK_S, PARTS)
+                                    BLOCK_S)
                 dst = res_ptr
             tl.debug_barrier()  # the packed input is written before any thread reads it
             _stamp(trace_ptr, stamps + 1, TRACE)
-            _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act, dst, ph, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS, PARTS)
+            _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
+                        HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS)
             _stamp(trace_ptr, stamps + 2, TRACE)
             if EARLY_ARRIVE and (ph + 1 < phase_end):
                 _arrive(bar_ptr)  # before the loads below, so that its membar need not wait for them
             # the next GEMV's first weights stream in during the barrier and its prologue
-            pre = _first_weights(w_ptr, s_ptr, meta_ptr, act, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
-                                 QUAD, L2_AHEAD, THREADS, PARTS)
+            pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
+                                 QUAD, L2_AHEAD, THREADS)
         if layer == n_layers:
             _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:  # (the final LayerNorm is the last phase: a barrier follows a GEMV)

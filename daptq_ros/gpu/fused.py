@@ -64,8 +64,6 @@ class FusedConfig:
             (the statistics still come from the whole row), as the v and GELU prologues do.
         early_arrive: a program counts itself in at the grid barrier before it loads the next
             GEMV's first cells, so the arrive's memory fence does not wait for those loads.
-        balance: (with ``quad``) programs' ranges start and end at quarter cells, not whole
-            cells, so every program streams the same bytes to within a quarter cell.
     """
 
     block_n: int = 512  # seventh run: 256 → 512 cut the GEMV time by ~15 % (docs/gpu_bench.md)
@@ -76,7 +74,6 @@ class FusedConfig:
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
     ln_subset: bool = True  # seventh run: 2 % faster
     early_arrive: bool = True  # seventh run: 4 % faster
-    balance: bool = False
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -152,10 +149,8 @@ def _compiled_on(device: torch.device) -> bool:
 
 
 def _act_stride(d: int, ffn: int) -> int:
-    """int32 words of one program's slice of the packed GEMV inputs: the longest row, in pairs,
-    16-word aligned, then 16 words the kernel never writes (zeros: the activations of a shared
-    cell's parts outside the program's range, see ``_triton_fused._act_loads``)."""
-    return math.ceil(max(d, ffn) / 2 / 16) * 16 + 16
+    """int32 words of one program's packed GEMV input (the longest row, in pairs, 16-word aligned)."""
+    return math.ceil(max(d, ffn) / 2 / 16) * 16
 
 
 def _next_pow2(n: int) -> int:
@@ -298,7 +293,6 @@ class FusedTrunk(nn.Module):
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
             "L2_AHEAD": self.config.l2_ahead if on_gpu else 0, "THREADS": 32 * self.config.num_warps,
             "LN_SUBSET": self.config.ln_subset, "EARLY_ARRIVE": self.config.early_arrive,
-            "BALANCE": self.config.balance,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
         }
@@ -306,10 +300,8 @@ class FusedTrunk(nn.Module):
 
     def _subset_pairs(self, programs: int) -> int:
         """Pairs a prologue builds when a program's cells span fewer groups than the row: the most
-        cells any program touches in any GEMV (one more with ``balance``: a range may start and
-        end inside a cell), times GROUP/2 (a power of two ≥ 16)."""
+        cells any program gets in any GEMV, times GROUP/2 (a power of two ≥ 16)."""
         most = max(math.ceil(cells / programs) for cells in self._gemv_cells)
-        most += int(self.config.quad and self.config.balance)
         return max(16, _next_pow2(most * self.group_size // 2))
 
     @torch.no_grad()
@@ -432,9 +424,9 @@ class FusedTrunk(nn.Module):
 
 
 # What fuse_trunk times on a GPU when no config is given (the default first): the seventh run's
-# fastest settings (docs/gpu_bench.md), with quarter-cell balancing, and with a short L2 prefetch,
-# and the sixth run's default (256-row tiles, no early arrive, whole-row LayerNorm prologues).
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(balance=True), FusedConfig(l2_ahead=2),
+# fastest settings (docs/gpu_bench.md), the same with a short L2 prefetch, and the sixth run's
+# default (256-row tiles, no early arrive, whole-row LayerNorm prologues).
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(l2_ahead=2),
                    FusedConfig(block_n=256, early_arrive=False, ln_subset=False))
 _TUNE_REL_ERR_MAX = 2e-2
 

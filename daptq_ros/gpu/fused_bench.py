@@ -38,13 +38,13 @@ TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda
 BASE = FusedConfig()
 # One change at a time from the default.
 GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, l2_ahead=2),
-        replace(BASE, balance=True), replace(BASE, early_arrive=False), replace(BASE, ln_subset=False),
+        replace(BASE, early_arrive=False), replace(BASE, ln_subset=False),
         replace(BASE, block_n=256)]
 
 
 def _label(cfg: FusedConfig) -> str:
-    flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset),
-                                   ("bal", cfg.balance)) if on]
+    flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset))
+             if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
             f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
