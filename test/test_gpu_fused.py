@@ -69,15 +69,14 @@ def test_pair_scales_keep_the_bf16_bits_two_groups_per_word(n_groups):
         assert torch.count_nonzero(words[:, -1] >> 16) == 0
 
 
-@pytest.mark.parametrize("bias,fused_qkv,block_n,quad,ln_subset,ring",
-                         [(False, True, 256, True, False, 2), (True, False, 64, True, True, 3),
-                          (False, True, 128, False, True, 2), (True, False, 64, False, False, 3)])
-def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, quad, ln_subset, ring):
+@pytest.mark.parametrize("bias,fused_qkv,block_n,quad,ln_subset",
+                         [(False, True, 256, True, False), (True, False, 64, True, True),
+                          (False, True, 128, False, True), (True, False, 64, False, False)])
+def test_fused_trunk_matches_the_float32_reference(bias, fused_qkv, block_n, quad, ln_subset):
     # ffn = 384 is not a multiple of 256: the padded tile rows must not leak into the output;
-    # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries (and with a
-    # three-cell ring, ranges whose length is not a multiple of it)
+    # 3 interpreter programs split every GEMV's cells unevenly, across tile boundaries
     q = _f16x2(_trunk(bias=bias, fused_qkv=fused_qkv))
-    fused = FusedTrunk(q, FusedConfig(block_n=block_n, quad=quad, ln_subset=ln_subset, ring=ring))
+    fused = FusedTrunk(q, FusedConfig(block_n=block_n, quad=quad, ln_subset=ln_subset))
     ref = fused.reference()
     gen = torch.Generator(device=DEV).manual_seed(1)
     for i in range(2):  # the second call checks that the accumulators were left zeroed
@@ -195,7 +194,7 @@ def test_unsupported_models_are_refused_with_the_reason():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
-    ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead"), ({"ring": 4}, "ring")])
+    ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead")])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedConfig(**kwargs)
@@ -234,7 +233,7 @@ k = comp(tf.fused_trunk_kernel, sig,
           "BLOCK_S": 1024, "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "HAS_BIAS": False,
           "USE_ASM": True,
           "MAX_SPIN": 1 << 22, "TRACE": False, "QUAD": True, "L2_AHEAD": 4, "THREADS": 256,
-          "LN_SUBSET": True, "EARLY_ARRIVE": True, "RING": 2},
+          "LN_SUBSET": True, "EARLY_ARRIVE": True},
          8, num_stages=1)
 ptx = k.asm["ptx"]
 out = {"prefetch": ptx.count("cp.async.bulk.prefetch.L2.global"), "acquire": ptx.count("ld.acquire.gpu"),

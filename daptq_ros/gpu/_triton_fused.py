@@ -219,8 +219,7 @@ def _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP: tl.const
 
 @triton.jit
 def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr,
-                   RING: tl.constexpr):
+                   BLOCK_N: tl.constexpr, QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """Weights and scales of this program's first two cells of GEMV ``j`` (held at the last GEMV):
     issued before the barrier and the prologue that precede the GEMV, so that their DRAM latency
     overlaps them. With ``L2_AHEAD`` the next ``L2_AHEAD`` cells and the scale rows of every tile
@@ -240,18 +239,13 @@ def _first_weights(w_ptr, s_ptr, meta_ptr, act_ptr, j, n_gemv, pid, n_prog, GROU
     c = tl.minimum(c0, last)
     first = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
     c, g, t = _next_cell(c, g, t, last, src[3])
-    second = _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
-    if RING == 3:
-        c, g, t = _next_cell(c, g, t, last, src[3])
-        return first, second, _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
-    else:
-        return first, second
+    return first, _weight_loads(src, c, g, t, GW, BLOCK_N, QUAD)
 
 
 @triton.jit
 def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, n_prog,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr, RING: tl.constexpr):
+                QUAD: tl.constexpr, L2_AHEAD: tl.constexpr, THREADS: tl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells (fp32 atomics per tile).
 
     A register ring of two cells, unrolled by two so that no slot is copied: slot A holds the
@@ -276,34 +270,17 @@ def _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, act_ptr, out_ptr, j, pid, 
     c_ld = tl.minimum(c0, last)  # the last cell loaded, its group and tile
     g_ld = g
     t_ld = t
+    a_w, b_w = pre
+    a_x = _act_loads(src, g_ld, GW, QUAD)
+    c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
+    b_x = _act_loads(src, g_ld, GW, QUAD)
     LOAD: tl.constexpr = (GW, BLOCK_N, QUAD, L2_AHEAD, THREADS)
-    if RING == 3:
-        a_w, b_w, e_w = pre
-        a_x = _act_loads(src, g_ld, GW, QUAD)
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-        b_x = _act_loads(src, g_ld, GW, QUAD)
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-        e_x = _act_loads(src, g_ld, GW, QUAD)
-        for c in range(c0, c1, 3):
-            acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld, a_w, a_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
-            if c + 1 < c1:
-                acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld, b_w, b_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
-            if c + 2 < c1:
-                acc, extra, g, t = _cell_step(e_w, e_x, c + 2, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld, e_w, e_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
-    else:
-        a_w, b_w = pre
-        a_x = _act_loads(src, g_ld, GW, QUAD)
-        c_ld, g_ld, t_ld = _next_cell(c_ld, g_ld, t_ld, last, src[3])
-        b_x = _act_loads(src, g_ld, GW, QUAD)
-        for c in range(c0, c1, 2):
-            acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld, a_w, a_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
-            if c + 1 < c1:
-                acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
-            c_ld, g_ld, t_ld, b_w, b_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
+    for c in range(c0, c1, 2):
+        acc, extra, g, t = _cell_step(a_w, a_x, c, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+        c_ld, g_ld, t_ld, a_w, a_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
+        if c + 1 < c1:
+            acc, extra, g, t = _cell_step(b_w, b_x, c + 1, c1, acc, extra, g, t, dst, ROWS, BLOCK_N, MODE)
+        c_ld, g_ld, t_ld, b_w, b_x = _refill(src, c_ld, g_ld, t_ld, last, LOAD)
 
 
 @triton.jit
@@ -565,7 +542,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
                        ACT_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                        MAX_SPIN: tl.constexpr, TRACE: tl.constexpr, QUAD: tl.constexpr,
                        L2_AHEAD: tl.constexpr, THREADS: tl.constexpr, LN_SUBSET: tl.constexpr,
-                       EARLY_ARRIVE: tl.constexpr, RING: tl.constexpr):
+                       EARLY_ARRIVE: tl.constexpr):
     """Phases [phase_begin, phase_end) of the fused one-token trunk forward (module docstring).
 
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase into
@@ -577,7 +554,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
     n_sync = 0
     n_phases = 4 * n_layers + 1
     pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, phase_begin, n_gemv, pid, n_prog, GROUP, BLOCK_N, QUAD,
-                         L2_AHEAD, THREADS, RING)
+                         L2_AHEAD, THREADS)
     for ph in range(phase_begin, phase_end):
         stamps = (pid * n_phases + ph) * 4
         _stamp(trace_ptr, stamps, TRACE)
@@ -613,13 +590,13 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             tl.debug_barrier()  # the packed input is written before any thread reads it
             _stamp(trace_ptr, stamps + 1, TRACE)
             _gemv_phase(pre, w_ptr, s_ptr, vec_ptr, meta_ptr, mine, dst, ph, pid, n_prog, GROUP, BLOCK_N,
-                        HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS, RING)
+                        HAS_BIAS, USE_ASM, QUAD, L2_AHEAD, THREADS)
             _stamp(trace_ptr, stamps + 2, TRACE)
             if EARLY_ARRIVE and (ph + 1 < phase_end):
                 _arrive(bar_ptr)  # before the loads below, so that its membar need not wait for them
             # the next GEMV's first weights stream in during the barrier and its prologue
             pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
-                                 QUAD, L2_AHEAD, THREADS, RING)
+                                 QUAD, L2_AHEAD, THREADS)
         if layer == n_layers:
             _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:  # (the final LayerNorm is the last phase: a barrier follows a GEMV)

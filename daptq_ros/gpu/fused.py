@@ -64,7 +64,6 @@ class FusedConfig:
             (the statistics still come from the whole row), as the v and GELU prologues do.
         early_arrive: a program counts itself in at the grid barrier before it loads the next
             GEMV's first cells, so the arrive's memory fence does not wait for those loads.
-        ring: cells in the register ring (2 or 3): loaded this many cells ahead of their use.
     """
 
     block_n: int = 512  # seventh run: 256 → 512 cut the GEMV time by ~15 % (docs/gpu_bench.md)
@@ -75,7 +74,6 @@ class FusedConfig:
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
     ln_subset: bool = True  # seventh run: 2 % faster
     early_arrive: bool = True  # seventh run: 4 % faster
-    ring: int = 2
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -84,8 +82,6 @@ class FusedConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.programs_per_sm not in (1, 2):
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
-        if self.ring not in (2, 3):
-            raise ValueError(f"ring must be 2 or 3, got {self.ring}")
         if not 0 <= self.l2_ahead <= 16:
             raise ValueError(f"l2_ahead must be in [0, 16], got {self.l2_ahead}")
 
@@ -297,7 +293,6 @@ class FusedTrunk(nn.Module):
             "USE_ASM": on_gpu, "MAX_SPIN": _MAX_SPIN, "TRACE": False, "QUAD": self.config.quad,
             "L2_AHEAD": self.config.l2_ahead if on_gpu else 0, "THREADS": 32 * self.config.num_warps,
             "LN_SUBSET": self.config.ln_subset, "EARLY_ARRIVE": self.config.early_arrive,
-            "RING": self.config.ring,
             "num_warps": self.config.num_warps,
             "num_stages": 1,
         }

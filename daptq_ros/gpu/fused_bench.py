@@ -46,7 +46,6 @@ def _label(cfg: FusedConfig) -> str:
     flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset))
              if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
-    l2 += f" ring{cfg.ring}" if cfg.ring != 2 else ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
             f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
 
