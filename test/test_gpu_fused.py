@@ -266,3 +266,24 @@ def test_persistent_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     if "regs" in r:
         assert r["ldg_ef128"] >= 3 and r["ldg_ef32"] == 0  # weight cells: 16-byte loads only
         assert r["local"] == 0 and r["regs"] <= 255
+
+
+def test_nodot_diagnostic_patches_only_the_dot_once(tmp_path):
+    # scripts/gpu_fused_nodot.py (docs/gpu_bench.md, seventh run) rewrites one line of a copy
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("nodot", root / "scripts" / "gpu_fused_nodot.py")
+    nodot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nodot)
+    src = root / "daptq_ros" / "gpu" / "_triton_fused.py"
+    copy = tmp_path / "k.py"
+    copy.write_text(src.read_text())
+    nodot.main(["--kernel", str(copy)])
+    before, after = src.read_text().splitlines(), copy.read_text().splitlines()
+    assert "_q4x32_dot(w, x, USE_ASM)" not in copy.read_text() and "xx = x[0]" in copy.read_text()
+    assert len(after) == len(before) + 1  # one line became two
+    compile(copy.read_text(), str(copy), "exec")
+    with pytest.raises(SystemExit, match="not found once"):
+        nodot.main(["--kernel", str(copy)])
