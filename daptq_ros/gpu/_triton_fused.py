@@ -387,13 +387,15 @@ def _pair_stats(e, o, mask, n, eps):
 
 
 @triton.jit
-def _own_groups(meta_ptr, j, pid, n_prog, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Whether this program's cells of GEMV ``j`` span fewer K-groups than the row (and fit
-    ``BLOCK_S`` pairs), the first group of its run (the run may wrap at the row's end) and the
-    number of pairs in it."""
+def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Whether this program's cells of GEMV ``j`` span fewer K-groups than the length-``n`` row
+    (and fit ``BLOCK_S`` pairs), and the pair indices of those groups with their mask (a run that
+    may wrap at the row's end)."""
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     HALF: tl.constexpr = GROUP // 2
-    return ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S), c0 % n_groups, (c1 - c0) * HALF
+    i = tl.arange(0, BLOCK_S)
+    few = ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S)
+    return few, ((c0 % n_groups) * HALF + i) % (n // 2), i < (c1 - c0) * HALF
 
 
 @triton.jit
@@ -407,11 +409,8 @@ def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid
     prologues do; otherwise, or when the cells span the whole row, all of it."""
     pairs = tl.arange(0, BLOCK_P)
     mask = pairs < n // 2
-    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S)
     if SUBSET and few:  # every load is issued before the reductions (one L2 round trip)
-        i = tl.arange(0, BLOCK_S)
-        mine = (g0 * (GROUP // 2) + i) % (n // 2)
-        m = i < n_mine
         me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
         mine_affine = _load_affine(gamma_ptr, beta_ptr, mine, m)  # (branch-local names: other shapes)
         e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
@@ -441,10 +440,9 @@ def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: tl
     Only the K-groups of this program's cells of GEMV ``j`` are built when they are fewer than the
     row's (:func:`_own_groups`; ``BLOCK_S`` ≥ that many pairs), else the whole row (``BLOCK_P`` ≥
     n/2 pairs); either way in one round of loads."""
-    few, g0, n_mine = _own_groups(meta_ptr, j, pid, n_prog, GROUP, BLOCK_S)
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S)
     if few:
-        i = tl.arange(0, BLOCK_S)
-        _pointwise_pairs(src_ptr, act_ptr, (g0 * (GROUP // 2) + i) % (n // 2), i < n_mine, GELU)
+        _pointwise_pairs(src_ptr, act_ptr, mine, m, GELU)
     else:
         pairs = tl.arange(0, BLOCK_P)
         _pointwise_pairs(src_ptr, act_ptr, pairs, pairs < n // 2, GELU)
@@ -563,6 +561,7 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
         ln = vec_ptr + layer * 4 * D
         if layer == n_layers:
             _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_D, SLICE)
+            _stamp(trace_ptr, stamps + 2, TRACE)
         else:
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
                 if layer == 0:
@@ -597,8 +596,6 @@ def fused_trunk_kernel(x_ptr, out_ptr, w_ptr, s_ptr, vec_ptr, meta_ptr, res_ptr,
             # the next GEMV's first weights stream in during the barrier and its prologue
             pre = _first_weights(w_ptr, s_ptr, meta_ptr, mine, ph + 1, n_gemv, pid, n_prog, GROUP, BLOCK_N,
                                  QUAD, L2_AHEAD, THREADS)
-        if layer == n_layers:
-            _stamp(trace_ptr, stamps + 2, TRACE)
         if ph + 1 < phase_end:  # (the final LayerNorm is the last phase: a barrier follows a GEMV)
             n_sync += 1
             if not EARLY_ARRIVE:
