@@ -37,6 +37,7 @@ FUSED_VARIANT = "w4a16_fused_g128"
 # The offset-binary word of eight zero weights (nibble 8 each), as int32: padding rows of a tile.
 _ZERO_WORD = -0x77777778
 _MAX_SPIN = 1 << 22  # barrier polls (~1 s) before the kernel flags a non-resident grid
+_TMA_RING_MAX = 220 * 1024  # of the 227 KB an sm_90 program may have (the rest: reductions, barriers)
 _INTERPRET_PROGRAMS = 3  # programs per launch in the CPU interpreter (uneven cell splits on purpose)
 
 
@@ -64,6 +65,12 @@ class FusedConfig:
             (the statistics still come from the whole row), as the v and GELU prologues do.
         early_arrive: a program counts itself in at the grid barrier before it loads the next
             GEMV's first cells, so the arrive's memory fence does not wait for those loads.
+        tma: stream the weights through a ring of ``stages`` shared-memory slots filled by TMA
+            copies that run on through barriers and prologues (the Gluon kernel,
+            :mod:`daptq_ros.gpu._gluon_fused`; sm_90+). ``quad``, ``l2_ahead`` and
+            ``early_arrive`` are the Triton kernel's and do not apply. Where Gluon cannot run (the
+            CPU interpreter) the Triton kernel computes the same function.
+        stages: slots of that ring (each one cell: 32 KB of words and 2 KB of scales at 512 rows).
     """
 
     block_n: int = 512  # seventh run: 256 → 512 cut the GEMV time by ~15 % (docs/gpu_bench.md)
@@ -74,6 +81,8 @@ class FusedConfig:
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
     ln_subset: bool = True  # seventh run: 2 % faster
     early_arrive: bool = True  # seventh run: 4 % faster
+    tma: bool = False
+    stages: int = 6
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -84,6 +93,8 @@ class FusedConfig:
             raise ValueError(f"programs_per_sm must be 1 or 2, got {self.programs_per_sm}")
         if not 0 <= self.l2_ahead <= 16:
             raise ValueError(f"l2_ahead must be in [0, 16], got {self.l2_ahead}")
+        if not 2 <= self.stages <= 16:
+            raise ValueError(f"stages must be in [2, 16], got {self.stages}")
 
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +128,41 @@ def pair_scales(tiled_scales: torch.Tensor) -> torch.Tensor:
     bits = tiled_scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
     lo, hi = bits[:, 0::2], bits[:, 1::2]
     return (lo | (hi << 16)).contiguous()
+
+
+def tma_width(block_n: int) -> int:
+    """int32 columns of the TMA views of the tile-major words and scales (a box dimension is at
+    most 256 elements)."""
+    return min(block_n, 256)
+
+
+def tma_copy_list(meta: list[list[int]], programs: int, group_size: int, block_n: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every program's TMA copies, in the order it consumes them: for each GEMV (rows of
+    ``meta``, the kernel's table: word offset, scale offset, bias offset, tiles, groups per tile,
+    out rows) its cells [p·C/P, (p+1)·C/P), each as (row of its words, row of its scale pair
+    words) in the views of :func:`tma_width` columns.
+
+    Returns the rows as int32 (programs, 2·most) — program p's copies at [p, 2k], [p, 2k + 1] —
+    and the copies per program (programs,) int32.
+    """
+    tw = tma_width(block_n)
+    cell_words = group_size // 8 * block_n
+    per_prog: list[list[int]] = [[] for _ in range(programs)]
+    for w_off, s_off, _, n_tiles, n_groups, *_ in meta:
+        if w_off % tw or s_off % tw:
+            raise FusionUnsupportedError(f"TMA views need {tw}-word aligned offsets, got {w_off}, {s_off}")
+        n_cells, pairs = n_tiles * n_groups, (n_groups + 1) // 2
+        for p in range(programs):
+            for c in range(p * n_cells // programs, (p + 1) * n_cells // programs):
+                t, g = divmod(c, n_groups)
+                s_row = (s_off + (t * pairs + g // 2) * block_n) // tw
+                per_prog[p] += [(w_off + c * cell_words) // tw, s_row]
+    most = max(1, max(len(rows) for rows in per_prog) // 2)
+    table = torch.zeros(programs, 2 * most, dtype=torch.int32)
+    for p, rows in enumerate(per_prog):
+        table[p, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
+    return table, torch.tensor([len(r) // 2 for r in per_prog], dtype=torch.int32)
 
 
 def _concat_kmajor(parts: list[W4A16F16x2Linear]) -> tuple[Int4KMajorWeight, torch.Tensor | None]:
@@ -188,6 +234,8 @@ class FusedTrunk(nn.Module):
         if self.config.quad and self.group_size < 32:
             raise FusionUnsupportedError(f"quad=True needs a group size >= 32 (4 K-words per thread), got "
                                          f"{self.group_size}; use FusedConfig(quad=False)")
+        if self.config.tma:
+            self._check_tma_fits()
         eps = {float(m.eps) for m in trunk.modules() if isinstance(m, nn.LayerNorm)}
         if len(eps) != 1:
             raise FusionUnsupportedError(f"all LayerNorms must share one eps, got {sorted(eps)}")
@@ -196,7 +244,20 @@ class FusedTrunk(nn.Module):
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._launch_cache: dict[torch.device, tuple[int, dict]] = {}
         self.tuning: list[dict] = []  # fuse_trunk's candidate timings, when it chose the config
-        self._checked_residency: set[torch.device] = set()
+        self._checked_residency: set[tuple] = set()
+        self._gluon_cache: dict[torch.device, dict] = {}
+
+    def _check_tma_fits(self) -> None:
+        """The Gluon kernel's shapes: four K-words per thread, and a ring that fits shared memory."""
+        cfg = self.config
+        if self.group_size < 32 or cfg.block_n < 32:
+            raise FusionUnsupportedError(f"tma=True needs a group size >= 32 and block_n >= 32, got "
+                                         f"{self.group_size} and {cfg.block_n}")
+        ring = cfg.stages * (self.group_size // 8 * cfg.block_n * 4 + cfg.block_n * 4)
+        if ring > _TMA_RING_MAX:
+            raise FusionUnsupportedError(f"tma=True: stages={cfg.stages} × one {cfg.block_n}-row cell = "
+                                         f"{ring} B of shared memory, more than {_TMA_RING_MAX}; use fewer "
+                                         "stages")
 
     @torch.no_grad()
     def _build_tables(self, trunk: Trunk, linears: list) -> None:
@@ -232,6 +293,7 @@ class FusedTrunk(nn.Module):
         self.register_buffer("scales", torch.cat(scales))
         self.register_buffer("vecs", torch.cat([v.reshape(-1).to(torch.float32) for v in vecs]))
         self.register_buffer("meta", torch.tensor(meta, dtype=torch.int64, device=self.words.device))
+        self._meta_rows = meta  # host copy: the TMA copy lists are built from it without a sync
 
     # ------------------------------------------------------------------ forward
 
@@ -330,13 +392,16 @@ class FusedTrunk(nn.Module):
             consts = {**consts, "TRACE": True}
         args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
                 s["bar"], s["err"], s["bar"] if trace is None else trace, self.n_layers)
-        if persistent:
-            self._check_residency(tf, device, args, p, consts, n_phases)
+        if self.config.tma and _compiled_on(device):
+            self._run_gluon(x1, out, s, p, consts, trace, device)
+        elif persistent:
+            self._check_residency(tf.fused_trunk_kernel, device, (*args, 0, n_phases, self.eps), p, consts)
             tf.fused_trunk_kernel[(p,)](*args, 0, n_phases, self.eps, **consts)
         else:
             for ph in range(n_phases):
                 tf.fused_trunk_kernel[(p,)](*args, ph, ph + 1, self.eps, **consts)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        persistent = persistent or (self.config.tma and _compiled_on(device))
         if persistent and not capturing and int(s["err"].item()):
             self._reset(device)
             raise RuntimeError(f"fused trunk: a grid barrier timed out — not all {p} programs were resident "
@@ -393,17 +458,51 @@ class FusedTrunk(nn.Module):
         return {"programs": p, "repeats": repeats, "total_us": float(torch.tensor(totals).median()),
                 "phases": phases}
 
+    def _gluon_args(self, device: torch.device, p: int) -> dict:
+        """TMA descriptors and copy lists of the Gluon kernel on ``device`` (built once)."""
+        cached = self._gluon_cache.get(device)
+        if cached is None:
+            from triton.experimental.gluon import language as gl
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+            bn, tw = self.config.block_n, tma_width(self.config.block_n)
+            layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+            table, counts = tma_copy_list(self._meta_rows, p, self.group_size, bn)
+            w_rows = self.group_size // 8 * bn // tw
+            cached = self._gluon_cache[device] = {
+                "w_desc": TensorDescriptor.from_tensor(self.words.view(-1, tw), [w_rows, tw], layout),
+                "s_desc": TensorDescriptor.from_tensor(self.scales.view(-1, tw), [bn // tw, tw], layout),
+                "stream": table.to(device), "n_stream": counts.to(device), "stride": table.shape[1]}
+        return cached
+
+    def _run_gluon(self, x1: torch.Tensor, out: torch.Tensor, s: dict, p: int, consts: dict,
+                   trace: torch.Tensor | None, device: torch.device) -> None:
+        """One launch of the TMA-streamed Gluon kernel (:mod:`daptq_ros.gpu._gluon_fused`)."""
+        from daptq_ros.gpu import _gluon_fused as gf
+
+        g = self._gluon_args(device, p)
+        keep = ("D", "FFN", "GROUP", "BLOCK_N", "BLOCK_PD", "BLOCK_PF", "BLOCK_S", "SLICE", "ACT_STRIDE",
+                "HAS_BIAS", "MAX_SPIN", "TRACE", "THREADS", "num_warps")
+        gconsts = {k: consts[k] for k in keep}
+        gconsts.update(STREAM_STRIDE=g["stride"], STAGES=self.config.stages,
+                       TMA_W=tma_width(self.config.block_n), num_stages=1)
+        args = (x1, out, g["w_desc"], g["s_desc"], self.vecs, self.meta, g["stream"], g["n_stream"], s["res"],
+                s["qkv"], s["f"], s["act"], s["bar"], s["err"], s["bar"] if trace is None else trace,
+                self.n_layers, self.eps)
+        self._check_residency(gf.gluon_trunk_kernel, device, args, p, gconsts)
+        gf.gluon_trunk_kernel[(p,)](*args, **gconsts)
+
     def _reset(self, device: torch.device) -> None:
         for t in self._scratch_for(device).values():
             t.zero_()
 
-    def _check_residency(self, tf, device: torch.device, args: tuple, p: int, consts: dict,
-                         n_phases: int) -> None:
+    def _check_residency(self, jit_fn, device: torch.device, args: tuple, p: int, consts: dict) -> None:
         """Refuse a persistent launch whose programs could not all be resident at once (a grid
         barrier would then wait for programs that never start)."""
-        if device in self._checked_residency:
+        key = (device, jit_fn.__name__)
+        if key in self._checked_residency:
             return
-        kernel = tf.fused_trunk_kernel.warmup(*args, 0, n_phases, self.eps, grid=(p,), **consts)
+        kernel = jit_fn.warmup(*args, grid=(p,), **consts)
         if hasattr(kernel, "_init_handles"):
             kernel._init_handles()  # loads the cubin: n_regs is known from here on
         props = torch.cuda.get_device_properties(device)
@@ -420,7 +519,7 @@ class FusedTrunk(nn.Module):
             raise RuntimeError(f"fused trunk: {p} programs cannot all be resident ({per_sm}/SM × "
                                f"{props.multi_processor_count} SMs at {regs} registers/thread); "
                                "use programs_per_sm=1 or fewer warps")
-        self._checked_residency.add(device)
+        self._checked_residency.add(key)
 
 
 # What fuse_trunk times on a GPU when no config is given (the default first): the seventh run's

@@ -46,6 +46,8 @@ def _label(cfg: FusedConfig) -> str:
     flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset))
              if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
+    if cfg.tma:
+        flags, l2 = [f"tma{cfg.stages}", *(["lnsub"] if cfg.ln_subset else [])], ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
             f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
 

@@ -1,0 +1,387 @@
+"""The fused one-token trunk with its weights streamed through shared memory by TMA (Gluon, sm_90+).
+
+The same forward, phases, work split and packed buffers as :mod:`daptq_ros.gpu._triton_fused`
+(read its docstring first); what differs is how the weights reach the registers. There, each
+program's cells go through a register ring of two cells, so at most 64 KB per SM are in flight
+and the stream stops while a program waits at a grid barrier or builds its next GEMV input.
+Here each program issues its whole sequence of cells — every GEMV's share, one after another —
+as TMA bulk copies into a ring of ``STAGES`` shared-memory slots (34 KB each: one cell's int4
+words and its scale pair row), one mbarrier per slot. A slot is refilled with the cell ``STAGES``
+further on as soon as every warp has read it, whatever GEMV that cell belongs to, so the copies
+keep running through barriers and prologues: by the time a GEMV starts, its first ``STAGES``
+cells are (being) loaded. The registers hold only the cell being computed.
+
+The host passes each program's copy list (:func:`daptq_ros.gpu.fused.FusedTrunk` builds it): the
+TMA row of every cell's words and of its scale pair row, in the order the program consumes
+them. Grid barriers, prologues and atomics are the Triton kernel's, written with explicit
+layouts. GPU only: Gluon has no CPU interpreter, so the tests compile it for sm_90 and check it
+against the Triton kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from daptq_ros.gpu._triton_fused import _q4x32_dot_asm
+
+_DOT_ASM = gl.constexpr(_q4x32_dot_asm())
+META_STRIDE = gl.constexpr(8)  # int64 fields per GEMV row of the meta table (see _triton_fused.META_*)
+
+
+@gluon.jit
+def _pack_f16x2(even, odd):
+    """fp32 (even, odd) → int32 words of two fp16, even in the low half."""
+    lo = even.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    hi = odd.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
+    return lo | (hi << 16)
+
+
+@gluon.jit
+def _cell_range(meta_ptr, j, pid, n_prog):
+    """GEMV ``j``'s groups per tile and this program's cell range [c0, c1)."""
+    row = meta_ptr + j * META_STRIDE
+    n_groups = gl.load(row + 4).to(gl.int32)
+    n_cells = gl.load(row + 3).to(gl.int32) * n_groups
+    return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
+
+
+@gluon.jit
+def _issue(ring, stream_ptr, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
+    """TMA copies of the program's ``k``-th cell (words and scale pair row) into slot k % STAGES,
+    completing on that slot's mbarrier; nothing past the end of the copy list."""
+    w_desc, s_desc, ring_w, ring_s, bars = ring
+    live = k < n_stream
+    kk = gl.maximum(gl.minimum(k, n_stream - 1), 0)
+    w_row = gl.load(stream_ptr + 2 * kk)
+    s_row = gl.load(stream_ptr + 2 * kk + 1)
+    slot = k % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, CELL_BYTES, pred=live)
+    tma.async_copy_global_to_shared(w_desc, [w_row, 0], bar, ring_w.index(slot), pred=live)
+    tma.async_copy_global_to_shared(s_desc, [s_row, 0], bar, ring_s.index(slot), pred=live)
+
+
+@gluon.jit
+def _act_words(act_ptr, g, offs_r, GW: gl.constexpr):
+    """The 16 packed activation words the thread's four K-words (rows r, Q + r, 2Q + r, 3Q + r of
+    group ``g``) need, 4 per K-word."""
+    Q: gl.constexpr = GW // 4
+    xp = act_ptr + (g * GW + offs_r) * 4
+    return (gl.load(xp), gl.load(xp + 1), gl.load(xp + 2), gl.load(xp + 3),
+            gl.load(xp + 4 * Q), gl.load(xp + 4 * Q + 1), gl.load(xp + 4 * Q + 2), gl.load(xp + 4 * Q + 3),
+            gl.load(xp + 8 * Q), gl.load(xp + 8 * Q + 1), gl.load(xp + 8 * Q + 2), gl.load(xp + 8 * Q + 3),
+            gl.load(xp + 12 * Q), gl.load(xp + 12 * Q + 1), gl.load(xp + 12 * Q + 2),
+            gl.load(xp + 12 * Q + 3))
+
+
+@gluon.jit
+def _dot(w0, w1, w2, w3, x):
+    """Σ q·x/16 over four K-words per column (the Triton kernel's ``_q4x32_dot``)."""
+    return gl.inline_asm_elementwise(
+        _DOT_ASM, "=f" + ",r" * 20,
+        [w0, w1, w2, w3, x[0][:, None], x[1][:, None], x[2][:, None], x[3][:, None],
+         x[4][:, None], x[5][:, None], x[6][:, None], x[7][:, None], x[8][:, None], x[9][:, None],
+         x[10][:, None], x[11][:, None], x[12][:, None], x[13][:, None], x[14][:, None], x[15][:, None]],
+        dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_ptr, j, pid, n_prog,
+                GROUP: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
+                CELL_BYTES: gl.constexpr, LW: gl.constexpr):
+    """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells of GEMV ``j``, consuming copies
+    ``k``, ``k`` + 1, … of the ring (each refilled, once read, with the copy ``STAGES`` on).
+    Returns the next copy index."""
+    GW: gl.constexpr = GROUP // 8
+    Q: gl.constexpr = GW // 4
+    ROWL: gl.constexpr = gl.SliceLayout(1, LW)
+    COLL: gl.constexpr = gl.SliceLayout(0, LW)
+    PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    PLAIN1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    _, _, ring_w, ring_s, bars = ring
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    row = meta_ptr + j * META_STRIDE
+    n_out = gl.load(row + 5).to(gl.int32)
+    b_base = vec_ptr + gl.load(row + 2)
+    t = c0 // n_groups
+    g = c0 - t * n_groups
+    offs_r = gl.arange(0, Q, layout=ROWL)
+    offs_n = gl.arange(0, BLOCK_N, layout=COLL)
+    acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
+    extra = gl.zeros([BLOCK_N], gl.float32, COLL)
+    for c in range(c0, c1):
+        x = _act_words(act_ptr, g, offs_r, GW)  # (own words, L1: issued before the wait)
+        slot = k % STAGES
+        mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
+        cell = ring_w.index(slot)._reinterpret(gl.int32, [GW, BLOCK_N], PLAIN2)
+        w0 = cell.slice(0, Q).load(LW)
+        w1 = cell.slice(Q, Q).load(LW)
+        w2 = cell.slice(2 * Q, Q).load(LW)
+        w3 = cell.slice(3 * Q, Q).load(LW)
+        sw = ring_s.index(slot)._reinterpret(gl.int32, [BLOCK_N], PLAIN1).load(COLL)
+        gl.thread_barrier()  # every warp has read the slot: refill it
+        _issue(ring, stream_ptr, n_stream, k + STAGES, STAGES, CELL_BYTES)
+        bits = gl.where((g % 2) == 0, sw << 16, sw & -65536)
+        acc += _dot(w0, w1, w2, w3, x) * bits.to(gl.float32, bitcast=True)[None, :]
+        if HAS_BIAS:
+            if g == 0:  # the range holding a tile's first group adds its bias, exactly once
+                extra += gl.load(b_base + t * BLOCK_N + offs_n)
+        if (g == n_groups - 1) | (c == c1 - 1):
+            rows = t * BLOCK_N + offs_n
+            gl.atomic_add(out_ptr + rows, 16.0 * gl.sum(acc, axis=0) + extra, mask=rows < n_out,
+                          sem="relaxed")
+            acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
+            extra = gl.zeros([BLOCK_N], gl.float32, COLL)
+        g += 1
+        t = gl.where(g == n_groups, t + 1, t)
+        g = gl.where(g == n_groups, 0, g)
+        k += 1
+    return k
+
+
+@gluon.jit
+def _load_pairs(src_ptr, pairs, mask, SRC_BF16: gl.constexpr):
+    """Even and odd elements (fp32) of the given pair indices."""
+    if SRC_BF16:
+        return (gl.load(src_ptr + 2 * pairs, mask=mask, other=0.0).to(gl.float32),
+                gl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0).to(gl.float32))
+    else:
+        return (gl.load(src_ptr + 2 * pairs, mask=mask, other=0.0, cache_modifier=".cg"),
+                gl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0, cache_modifier=".cg"))
+
+
+@gluon.jit
+def _pair_stats(e, o, mask, n, eps):
+    """Mean and 1/σ (two-pass, fp32) of a row held as its even and odd elements."""
+    mean = (gl.sum(e, axis=0) + gl.sum(o, axis=0)) / n
+    de = gl.where(mask, e - mean, 0.0)
+    do = gl.where(mask, o - mean, 0.0)
+    return mean, 1.0 / gl.sqrt((gl.sum(de * de, axis=0) + gl.sum(do * do, axis=0)) / n + eps)
+
+
+@gluon.jit
+def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: gl.constexpr, BLOCK_S: gl.constexpr,
+                L1: gl.constexpr):
+    """Whether this program's cells of GEMV ``j`` span fewer K-groups than the row (and fit
+    ``BLOCK_S`` pairs), and those groups' pair indices and mask (a run that may wrap)."""
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    HALF: gl.constexpr = GROUP // 2
+    i = gl.arange(0, BLOCK_S, layout=L1)
+    few = ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S)
+    return few, ((c0 % n_groups) * HALF + i) % (n // 2), i < (c1 - c0) * HALF
+
+
+@gluon.jit
+def _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_ptr, pairs):
+    """(x - mean)·rstd·γ + β of the given pairs → packed words."""
+    ge = gl.load(gamma_ptr + 2 * pairs, mask=mask)
+    go = gl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
+    be = gl.load(beta_ptr + 2 * pairs, mask=mask)
+    bo = gl.load(beta_ptr + 2 * pairs + 1, mask=mask)
+    packed = _pack_f16x2((e - mean) * rstd * ge + be, (o - mean) * rstd * go + bo)
+    gl.store(act_ptr + pairs, packed, mask=mask)
+
+
+@gluon.jit
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
+                 SRC_BF16: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
+    """LayerNorm(src)·γ + β of this program's own K-groups (all of them when its cells span the
+    row) → its packed activation words; the statistics come from the whole row."""
+    pairs = gl.arange(0, BLOCK_P, layout=L1)
+    mask = pairs < n // 2
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1)
+    if few:
+        me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
+        e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+        mean, rstd = _pair_stats(e, o, mask, n, eps)
+        _normalize_store(me, mo, m, mean, rstd, gamma_ptr, beta_ptr, act_ptr, mine)
+    else:
+        e2, o2 = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+        mean2, rstd2 = _pair_stats(e2, o2, mask, n, eps)
+        _normalize_store(e2, o2, mask, mean2, rstd2, gamma_ptr, beta_ptr, act_ptr, pairs)
+
+
+@gluon.jit
+def _pointwise_pairs(src_ptr, act_ptr, pairs, mask, GELU: gl.constexpr):
+    e, o = _load_pairs(src_ptr, pairs, mask, False)
+    if GELU:  # x·σ(2·√(2/π)(x + 0.044715x³))
+        e = e / (1.0 + gl.exp(-1.5957691216057308 * (e + 0.044715 * e * e * e)))
+        o = o / (1.0 + gl.exp(-1.5957691216057308 * (o + 0.044715 * o * o * o)))
+    gl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
+
+
+@gluon.jit
+def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
+                        GELU: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
+    """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words."""
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1)
+    if few:
+        _pointwise_pairs(src_ptr, act_ptr, mine, m, GELU)
+    else:
+        pairs = gl.arange(0, BLOCK_P, layout=L1)
+        _pointwise_pairs(src_ptr, act_ptr, pairs, pairs < n // 2, GELU)
+
+
+@gluon.jit
+def _slice_offsets(n, pid, n_prog, start, SLICE: gl.constexpr, L1: gl.constexpr):
+    """Offsets and mask of chunk ``start`` of this program's share of [0, n)."""
+    per = (n + n_prog - 1) // n_prog
+    offs = pid * per + start + gl.arange(0, SLICE, layout=L1)
+    return offs, (offs < n) & (offs < (pid + 1) * per)
+
+
+@gluon.jit
+def _zero_slice(ptr, n, pid, n_prog, SLICE: gl.constexpr, L1: gl.constexpr):
+    """Zero this program's share of ptr[0:n]."""
+    for start in range(0, (n + n_prog - 1) // n_prog, SLICE):
+        offs, mask = _slice_offsets(n, pid, n_prog, start, SLICE, L1)
+        gl.store(ptr + offs, gl.zeros([SLICE], gl.float32, L1), mask=mask)
+
+
+@gluon.jit
+def _copy_slice(src_ptr, dst_ptr, n, pid, n_prog, SLICE: gl.constexpr, L1: gl.constexpr):
+    """dst[share] = src[share] (bf16 → fp32): the input token becomes the residual."""
+    for start in range(0, (n + n_prog - 1) // n_prog, SLICE):
+        offs, mask = _slice_offsets(n, pid, n_prog, start, SLICE, L1)
+        gl.store(dst_ptr + offs, gl.load(src_ptr + offs, mask=mask).to(gl.float32), mask=mask)
+
+
+@gluon.jit
+def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog, BLOCK_P: gl.constexpr,
+                SLICE: gl.constexpr, L1: gl.constexpr):
+    """Final LayerNorm of the residual → this program's slice of the bf16 output."""
+    pairs = gl.arange(0, BLOCK_P, layout=L1)
+    mask = pairs < n // 2
+    e, o = _load_pairs(res_ptr, pairs, mask, False)
+    mean, rstd = _pair_stats(e, o, mask, n, eps)
+    offs, m = _slice_offsets(n, pid, n_prog, 0, SLICE, L1)
+    v = gl.load(res_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+    y = (v - mean) * rstd * gl.load(gamma_ptr + offs, mask=m) + gl.load(beta_ptr + offs, mask=m)
+    gl.store(out_ptr + offs, y.to(gl.bfloat16), mask=m)
+
+
+@gluon.jit
+def _load_acquire(ptr, THREADS: gl.constexpr, L1: gl.constexpr):
+    """``ld.acquire.gpu`` of one int32 by thread 0, shared with every thread (a max-reduction)."""
+    idx = gl.arange(0, THREADS, layout=L1)
+    v = gl.inline_asm_elementwise(
+        "{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
+        "@p ld.acquire.gpu.global.b32 $0, [$1];\n}",
+        "=r,l,r", [ptr + 0 * idx, idx], dtype=gl.int32, is_pure=False, pack=1)
+    return gl.max(v, axis=0)
+
+
+@gluon.jit
+def _await(bar_ptr, err_ptr, target, MAX_SPIN: gl.constexpr, THREADS: gl.constexpr, L1: gl.constexpr):
+    """Poll the grid barrier's counter until ``target`` programs have arrived (error flag past
+    ``MAX_SPIN`` polls: a grid that is not co-resident)."""
+    seen = _load_acquire(bar_ptr, THREADS, L1)
+    spins = 0
+    while (seen < target) & (spins < MAX_SPIN):
+        seen = _load_acquire(bar_ptr, THREADS, L1)
+        spins += 1
+    if seen < target:
+        gl.atomic_max(err_ptr, 1, sem="relaxed", scope="gpu")
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _stamp(trace_ptr, idx, TRACE: gl.constexpr, L1: gl.constexpr):
+    """With ``TRACE``: ``%globaltimer`` (ns) → trace[idx], once every thread got here."""
+    if TRACE:
+        gl.thread_barrier()
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [gl.zeros([1], gl.int32, L1)],
+                                      dtype=gl.int64, is_pure=False, pack=1)
+        gl.store(trace_ptr + idx + gl.arange(0, 1, layout=L1), t)
+
+
+@gluon.jit
+def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream_ptr, n_stream_ptr, res_ptr,
+                       qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr, n_layers, eps,
+                       D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr,
+                       SLICE: gl.constexpr, ACT_STRIDE: gl.constexpr, STREAM_STRIDE: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
+                       STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr):
+    """The whole one-token forward (module docstring), one persistent program per SM.
+
+    With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase, as the Triton
+    kernel does: phase start, prologue done, GEMV done, barrier passed."""
+    WARPS: gl.constexpr = THREADS // 32
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    # a [GROUP/32, BLOCK_N] quarter cell: 4 contiguous columns per lane, 8 lanes along a row (128
+    # contiguous bytes: no bank conflict), 4 rows; the warps side by side, repeated along the row
+    LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, WARPS], [1, 0])
+    CELL_BYTES: gl.constexpr = (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4
+    pid = gl.program_id(0)
+    n_prog = gl.num_programs(0)
+    # TMA views: the words and scale pairs as rows of TMA_W int32, a cell's words W_ROWS rows
+    W_ROWS: gl.constexpr = (GROUP // 8) * BLOCK_N // TMA_W
+    S_ROWS: gl.constexpr = BLOCK_N // TMA_W
+    ring_w = gl.allocate_shared_memory(gl.int32, [STAGES, W_ROWS, TMA_W], w_desc.layout)
+    ring_s = gl.allocate_shared_memory(gl.int32, [STAGES, S_ROWS, TMA_W], s_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    gl.thread_barrier()
+    ring = (w_desc, s_desc, ring_w, ring_s, bars)
+    my_stream = stream_ptr + pid * STREAM_STRIDE
+    n_stream = gl.load(n_stream_ptr + pid)
+    for i in gl.static_range(STAGES):
+        _issue(ring, my_stream, n_stream, i, STAGES, CELL_BYTES)
+    mine = act_ptr + pid * ACT_STRIDE
+    n_sync = 0
+    n_phases = 4 * n_layers + 1
+    k = 0
+    for ph in range(0, n_phases):
+        stamps = (pid * n_phases + ph) * 4
+        _stamp(trace_ptr, stamps, TRACE, L1)
+        layer = ph // 4
+        kind = ph % 4
+        ln = vec_ptr + layer * 4 * D
+        if layer == n_layers:
+            _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_PD, SLICE, L1)
+            _stamp(trace_ptr, stamps + 1, TRACE, L1)
+            _stamp(trace_ptr, stamps + 2, TRACE, L1)
+        else:
+            if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
+                if layer == 0:
+                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                                 BLOCK_PD, BLOCK_S, L1)
+                    _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE, L1)
+                else:
+                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
+                                 BLOCK_PD, BLOCK_S, L1)
+                _zero_slice(f_ptr, FFN, pid, n_prog, SLICE, L1)
+                dst = qkv_ptr
+            elif kind == 1:  # attention over one key = v → O, added into the residual
+                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, meta_ptr, ph, pid, n_prog, GROUP, False,
+                                    BLOCK_PD, BLOCK_S, L1)
+                dst = res_ptr
+            elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
+                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
+                             False, BLOCK_PD, BLOCK_S, L1)
+                _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE, L1)
+                dst = f_ptr
+            else:  # GELU → FC2, added into the residual
+                _prologue_pointwise(f_ptr, mine, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
+                                    BLOCK_S, L1)
+                dst = res_ptr
+            gl.thread_barrier()  # the packed input is written before any thread reads it
+            _stamp(trace_ptr, stamps + 1, TRACE, L1)
+            k = _gemv_phase(ring, my_stream, n_stream, k, meta_ptr, vec_ptr, mine, dst, ph, pid, n_prog,
+                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW)
+            _stamp(trace_ptr, stamps + 2, TRACE, L1)
+            n_sync += 1
+            gl.thread_barrier()
+            gl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+            _await(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS, L1)
+        _stamp(trace_ptr, stamps + 3, TRACE, L1)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    gl.thread_barrier()  # the last program out resets the counters for the next launch
+    if gl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
+        gl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        gl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
