@@ -13,7 +13,15 @@ import torch
 from test_gpu_kernels import DEV, compile_report
 
 from daptq_ros.gpu import bench
-from daptq_ros.gpu.fused import FusedConfig, FusedTrunk, FusionUnsupportedError, pair_scales, tile_kmajor
+from daptq_ros.gpu.fused import (
+    FusedConfig,
+    FusedTrunk,
+    FusionUnsupportedError,
+    pair_scales,
+    tile_kmajor,
+    tma_copy_list,
+    tma_width,
+)
 from daptq_ros.gpu.linear import quantize_model, reference_model, weight_nbytes
 from daptq_ros.gpu.packing import Int4KMajorWeight, pack_int4_kmajor, relative_error
 from daptq_ros.gpu.trunk import TrunkConfig, build_trunk
@@ -194,7 +202,8 @@ def test_unsupported_models_are_refused_with_the_reason():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
-    ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead")])
+    ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead"), ({"stages": 1}, "stages"),
+    ({"stages": 17}, "stages")])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedConfig(**kwargs)
@@ -287,3 +296,95 @@ def test_nodot_diagnostic_patches_only_the_dot_once(tmp_path):
     compile(copy.read_text(), str(copy), "exec")
     with pytest.raises(SystemExit, match="not found once"):
         nodot.main(["--kernel", str(copy)])
+
+
+@pytest.mark.parametrize("block_n,programs", [(64, 5), (512, 3), (128, 7)])
+def test_tma_copy_lists_name_each_programs_cells_in_consumption_order(block_n, programs):
+    # the Gluon kernel consumes exactly these copies: GEMV by GEMV, cells [p·C/P, (p+1)·C/P)
+    fused = FusedTrunk(_f16x2(_trunk(ffn=384)), FusedConfig(block_n=block_n))
+    tw, gw = tma_width(block_n), fused.group_size // 8
+    table, counts = tma_copy_list(fused._meta_rows, programs, fused.group_size, block_n)
+    words, scales = fused.words.view(-1, tw), fused.scales.view(-1, tw)
+    assert int(counts.sum()) == sum(fused._gemv_cells)
+    for p in range(programs):
+        got_w, got_s, want_w, want_s = [], [], [], []
+        for k in range(int(counts[p])):
+            w_row, s_row = int(table[p, 2 * k]), int(table[p, 2 * k + 1])
+            got_w.append(words[w_row:w_row + gw * block_n // tw].reshape(-1))
+            got_s.append(scales[s_row:s_row + block_n // tw].reshape(-1))
+        rows = zip(fused._meta_rows, fused._gemv_cells, strict=True)
+        for (w_off, s_off, _, _, n_groups, *_), cells in rows:
+            for c in range(p * cells // programs, (p + 1) * cells // programs):
+                t, g = divmod(c, n_groups)
+                want_w.append(fused.words[w_off + c * gw * block_n:][:gw * block_n])
+                pair = t * ((n_groups + 1) // 2) + g // 2
+                want_s.append(fused.scales[s_off + pair * block_n:][:block_n])
+        assert torch.equal(torch.cat(got_w), torch.cat(want_w))
+        assert torch.equal(torch.cat(got_s), torch.cat(want_s))
+
+
+def test_tma_shapes_it_cannot_take_fall_back_to_the_register_ring_kernel():
+    q = _f16x2(_trunk())
+    assert FusedTrunk(q, FusedConfig(stages=16))._tma_unfit.startswith("stages=16")
+    assert "block_n >= 32" in FusedTrunk(q, FusedConfig(block_n=16))._tma_unfit
+    assert FusedTrunk(q, FusedConfig())._tma_unfit is None
+    x = torch.randn(1, 1, 256, device=DEV).to(torch.bfloat16)
+    ref = FusedTrunk(q, FusedConfig(tma=False))(x).float()
+    fallback = FusedTrunk(q, FusedConfig(stages=16))(x).float()
+    assert relative_error(fallback, ref) < 1e-2  # the same kernel (on a GPU: atomics in another order)
+
+
+_GLUON_COMPILE_BODY = r"""
+import os, subprocess
+try:
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+    from daptq_ros.gpu import _gluon_fused as gf
+except Exception as exc:
+    print(json.dumps({"skip": f"Triton without Gluon/TMA: {type(exc).__name__}: {exc}"})); sys.exit(0)
+lay = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+host = torch.zeros(64, 256, dtype=torch.int32)
+sig = {"x_ptr": "*bf16", "out_ptr": "*bf16",
+       "w_desc": mangle_type(TensorDescriptor.from_tensor(host, [32, 256], lay)),
+       "s_desc": mangle_type(TensorDescriptor.from_tensor(host, [2, 256], lay)), "vec_ptr": "*fp32",
+       "meta_ptr": "*i64", "stream_ptr": "*i32", "n_stream_ptr": "*i32", "res_ptr": "*fp32",
+       "qkv_ptr": "*fp32", "f_ptr": "*fp32", "act_ptr": "*i32", "bar_ptr": "*i32", "err_ptr": "*i32",
+       "trace_ptr": "*i64", "n_layers": "i32", "eps": "fp32"}
+fn = gf.gluon_trunk_kernel
+out = {}
+for ws in (False, True):
+    c = {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 512, "BLOCK_PD": 2048, "BLOCK_S": 1024,
+         "BLOCK_PF": 8192, "SLICE": 128, "ACT_STRIDE": 5504, "STREAM_STRIDE": 128, "HAS_BIAS": False,
+         "MAX_SPIN": 1 << 22, "TRACE": False, "STAGES": 4, "THREADS": 256, "TMA_W": 256, "WS": ws}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t[0] == "*"}
+    src = GluonASTSource(fn, {**sig, **{k: "constexpr" for k in c}}, c, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    ptx = k.asm["ptx"]
+    r = {"tma": ptx.count("cp.async.bulk.tensor.2d"), "try_wait": ptx.count("mbarrier.try_wait"),
+         "release": len(re.findall(r"atom\.global\.gpu\.release\.add|red\.global\.gpu\.release\.add", ptx)),
+         "shared": int(k.metadata.shared), "setmaxnreg": ptx.count("setmaxnreg")}
+    BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(BIN):
+        path = os.path.join(os.environ["SASS_DIR"], f"gluon{int(ws)}.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([BIN, "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+        r["local"] = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    out[f"ws{int(ws)}"] = r
+print(json.dumps(out))
+"""
+
+
+def test_tma_kernel_compiles_for_hopper_with_and_without_a_producer_warp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SASS_DIR", str(tmp_path))
+    r = compile_report(_GLUON_COMPILE_BODY)
+    for key in ("ws0", "ws1"):
+        assert r[key]["tma"] >= 2  # words and scale pairs, each one bulk tensor copy per cell
+        assert r[key]["try_wait"] >= 1 and r[key]["release"] >= 1  # slot mbarriers, the grid barrier
+        assert 4 * 34816 <= r[key]["shared"] <= 227 * 1024  # the 4-slot ring of 34 KB cells
+        assert r[key].get("local", 0) == 0
+    assert r["ws1"]["setmaxnreg"] >= 1 and r["ws0"]["setmaxnreg"] == 0  # the producer gives up registers

@@ -22,12 +22,25 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from daptq_ros.gpu._triton_fused import _q4x32_dot_asm
 
 _DOT_ASM = gl.constexpr(_q4x32_dot_asm())
+# A CTA-wide (in a warp-specialized region: partition-wide) barrier; renamed after Triton 3.6.
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+# A TMA copy global → shared completing on an mbarrier (``async_load`` after Triton 3.6).
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 META_STRIDE = gl.constexpr(8)  # int64 fields per GEMV row of the meta table (see _triton_fused.META_*)
+
+
+@gluon.jit
+def _reinterpret(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+    """The shared-memory view ``smem`` as another dtype, shape and layout (renamed after 3.6)."""
+    if hasattr(smem, "reinterpret"):
+        return smem.reinterpret(dtype, shape, layout)
+    else:
+        return smem._reinterpret(dtype, shape, layout)
 
 
 @gluon.jit
@@ -48,19 +61,35 @@ def _cell_range(meta_ptr, j, pid, n_prog):
 
 
 @gluon.jit
-def _issue(ring, stream_ptr, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
-    """TMA copies of the program's ``k``-th cell (words and scale pair row) into slot k % STAGES,
-    completing on that slot's mbarrier; nothing past the end of the copy list."""
-    w_desc, s_desc, ring_w, ring_s, bars = ring
-    live = k < n_stream
+def _copy_rows(stream_ptr, n_stream, k):
+    """The TMA rows (words, scale pair) of the program's ``k``-th copy (clamped into its list)."""
     kk = gl.maximum(gl.minimum(k, n_stream - 1), 0)
-    w_row = gl.load(stream_ptr + 2 * kk)
-    s_row = gl.load(stream_ptr + 2 * kk + 1)
+    return gl.load(stream_ptr + 2 * kk), gl.load(stream_ptr + 2 * kk + 1)
+
+
+@gluon.jit
+def _issue(ring, rows, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
+    """TMA copies of the program's ``k``-th cell (words and scale pair row; ``rows`` from
+    :func:`_copy_rows`) into slot k % STAGES, completing on that slot's mbarrier; nothing past the
+    end of the copy list."""
+    w_desc, s_desc, ring_w, ring_s, bars, _ = ring
+    live = k < n_stream
     slot = k % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, CELL_BYTES, pred=live)
-    tma.async_copy_global_to_shared(w_desc, [w_row, 0], bar, ring_w.index(slot), pred=live)
-    tma.async_copy_global_to_shared(s_desc, [s_row, 0], bar, ring_s.index(slot), pred=live)
+    _tma_load(w_desc, [rows[0], 0], bar, ring_w.index(slot), pred=live)
+    _tma_load(s_desc, [rows[1], 0], bar, ring_s.index(slot), pred=live)
+
+
+@gluon.jit
+def _producer(ring, stream_ptr, n_stream, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
+    """The producer warp (``WS``): every copy of the program's list, each into its slot once the
+    consumers have signalled it empty (mbarriers start with phase 1 complete: the first round
+    does not wait)."""
+    empty = ring[5]
+    for k in range(n_stream):
+        mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+        _issue(ring, _copy_rows(stream_ptr, n_stream, k), n_stream, k, STAGES, CELL_BYTES)
 
 
 @gluon.jit
@@ -90,9 +119,10 @@ def _dot(w0, w1, w2, w3, x):
 @gluon.jit
 def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_ptr, j, pid, n_prog,
                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
-                CELL_BYTES: gl.constexpr, LW: gl.constexpr):
+                CELL_BYTES: gl.constexpr, LW: gl.constexpr, WS: gl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells of GEMV ``j``, consuming copies
-    ``k``, ``k`` + 1, … of the ring (each refilled, once read, with the copy ``STAGES`` on).
+    ``k``, ``k`` + 1, … of the ring. Once read, a slot is refilled with the copy ``STAGES`` on —
+    here, or (``WS``) by the producer warp, which this signals on the slot's "empty" mbarrier.
     Returns the next copy index."""
     GW: gl.constexpr = GROUP // 8
     Q: gl.constexpr = GW // 4
@@ -100,7 +130,7 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_p
     COLL: gl.constexpr = gl.SliceLayout(0, LW)
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    _, _, ring_w, ring_s, bars = ring
+    _, _, ring_w, ring_s, bars, empty = ring
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     row = meta_ptr + j * META_STRIDE
     n_out = gl.load(row + 5).to(gl.int32)
@@ -112,17 +142,23 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_p
     acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
     extra = gl.zeros([BLOCK_N], gl.float32, COLL)
     for c in range(c0, c1):
-        x = _act_words(act_ptr, g, offs_r, GW)  # (own words, L1: issued before the wait)
+        if not WS:
+            refill = _copy_rows(stream_ptr, n_stream, k + STAGES)  # (loads issued before the wait)
+        x = _act_words(act_ptr, g, offs_r, GW)
         slot = k % STAGES
         mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
-        cell = ring_w.index(slot)._reinterpret(gl.int32, [GW, BLOCK_N], PLAIN2)
+        cell = _reinterpret(ring_w.index(slot), gl.int32, [GW, BLOCK_N], PLAIN2)
         w0 = cell.slice(0, Q).load(LW)
         w1 = cell.slice(Q, Q).load(LW)
         w2 = cell.slice(2 * Q, Q).load(LW)
         w3 = cell.slice(3 * Q, Q).load(LW)
-        sw = ring_s.index(slot)._reinterpret(gl.int32, [BLOCK_N], PLAIN1).load(COLL)
-        gl.thread_barrier()  # every warp has read the slot: refill it
-        _issue(ring, stream_ptr, n_stream, k + STAGES, STAGES, CELL_BYTES)
+        sw = _reinterpret(ring_s.index(slot), gl.int32, [BLOCK_N], PLAIN1).load(COLL)
+        if WS:
+            fence_async_shared()  # the reads are ordered before the producer's next TMA write
+            mbarrier.arrive(empty.index(slot), count=1)
+        else:
+            _cta_barrier()  # every warp has read the slot: refill it
+            _issue(ring, refill, n_stream, k + STAGES, STAGES, CELL_BYTES)
         bits = gl.where((g % 2) == 0, sw << 16, sw & -65536)
         acc += _dot(w0, w1, w2, w3, x) * bits.to(gl.float32, bitcast=True)[None, :]
         if HAS_BIAS:
@@ -153,12 +189,17 @@ def _load_pairs(src_ptr, pairs, mask, SRC_BF16: gl.constexpr):
 
 
 @gluon.jit
+def _add_pairs(a, b, c, d):
+    return a + c, b + d
+
+
+@gluon.jit
 def _pair_stats(e, o, mask, n, eps):
-    """Mean and 1/σ (two-pass, fp32) of a row held as its even and odd elements."""
-    mean = (gl.sum(e, axis=0) + gl.sum(o, axis=0)) / n
-    de = gl.where(mask, e - mean, 0.0)
-    do = gl.where(mask, o - mean, 0.0)
-    return mean, 1.0 / gl.sqrt((gl.sum(de * de, axis=0) + gl.sum(do * do, axis=0)) / n + eps)
+    """Mean and 1/σ (fp32) of a row held as its even and odd elements: Σx and Σx² in one
+    reduction (one cross-warp round instead of two dependent ones; masked elements are 0)."""
+    s1, s2 = gl.reduce((e + o, e * e + o * o), 0, _add_pairs)
+    mean = s1 / n
+    return mean, 1.0 / gl.sqrt(gl.maximum(s2 / n - mean * mean, 0.0) + eps)
 
 
 @gluon.jit
@@ -264,7 +305,9 @@ def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog, BLOC
 
 @gluon.jit
 def _load_acquire(ptr, THREADS: gl.constexpr, L1: gl.constexpr):
-    """``ld.acquire.gpu`` of one int32 by thread 0, shared with every thread (a max-reduction)."""
+    """``ld.acquire.gpu`` of one int32 by thread 0, shared with every thread (a max-reduction;
+    the others contribute 0). Measured: relaxed polls with one ``fence.acq_rel.gpu`` per thread
+    at the end made the barrier waits longer (docs/gpu_bench.md, eighth run)."""
     idx = gl.arange(0, THREADS, layout=L1)
     v = gl.inline_asm_elementwise(
         "{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
@@ -284,14 +327,14 @@ def _await(bar_ptr, err_ptr, target, MAX_SPIN: gl.constexpr, THREADS: gl.constex
         spins += 1
     if seen < target:
         gl.atomic_max(err_ptr, 1, sem="relaxed", scope="gpu")
-    gl.thread_barrier()
+    _cta_barrier()
 
 
 @gluon.jit
 def _stamp(trace_ptr, idx, TRACE: gl.constexpr, L1: gl.constexpr):
     """With ``TRACE``: ``%globaltimer`` (ns) → trace[idx], once every thread got here."""
     if TRACE:
-        gl.thread_barrier()
+        _cta_barrier()
         t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [gl.zeros([1], gl.int32, L1)],
                                       dtype=gl.int64, is_pure=False, pack=1)
         gl.store(trace_ptr + idx + gl.arange(0, 1, layout=L1), t)
@@ -304,33 +347,67 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
                        BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr,
                        SLICE: gl.constexpr, ACT_STRIDE: gl.constexpr, STREAM_STRIDE: gl.constexpr,
                        HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
-                       STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr):
+                       STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr, WS: gl.constexpr):
     """The whole one-token forward (module docstring), one persistent program per SM.
 
+    ``WS``: one extra producer warp issues the copies (``gl.warp_specialize``); the ``THREADS``
+    threads of the default partition only consume them. Otherwise the same threads do both.
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase, as the Triton
     kernel does: phase start, prologue done, GEMV done, barrier passed."""
-    WARPS: gl.constexpr = THREADS // 32
-    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    # a [GROUP/32, BLOCK_N] quarter cell: 4 contiguous columns per lane, 8 lanes along a row (128
-    # contiguous bytes: no bank conflict), 4 rows; the warps side by side, repeated along the row
-    LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, WARPS], [1, 0])
-    CELL_BYTES: gl.constexpr = (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4
-    pid = gl.program_id(0)
-    n_prog = gl.num_programs(0)
     # TMA views: the words and scale pairs as rows of TMA_W int32, a cell's words W_ROWS rows
     W_ROWS: gl.constexpr = (GROUP // 8) * BLOCK_N // TMA_W
     S_ROWS: gl.constexpr = BLOCK_N // TMA_W
     ring_w = gl.allocate_shared_memory(gl.int32, [STAGES, W_ROWS, TMA_W], w_desc.layout)
     ring_s = gl.allocate_shared_memory(gl.int32, [STAGES, S_ROWS, TMA_W], s_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    gl.thread_barrier()
-    ring = (w_desc, s_desc, ring_w, ring_s, bars)
+        mbarrier.init(empty.index(i), count=1)
+    _cta_barrier()
+    ring = (w_desc, s_desc, ring_w, ring_s, bars, empty)
+    pid = gl.program_id(0)
     my_stream = stream_ptr + pid * STREAM_STRIDE
     n_stream = gl.load(n_stream_ptr + pid)
+    body = (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr,
+            n_layers, eps, ring, my_stream, n_stream)
+    if WS:
+        gl.warp_specialize([(_trunk_body, (body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE,
+                                           ACT_STRIDE, HAS_BIAS, MAX_SPIN, TRACE, STAGES, THREADS, WS)),
+                            (_producer, (ring, my_stream, n_stream, STAGES,
+                                         (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4))], [1], [24])
+    else:
+        _trunk_body(body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE, ACT_STRIDE, HAS_BIAS,
+                    MAX_SPIN, TRACE, STAGES, THREADS, WS)
     for i in gl.static_range(STAGES):
-        _issue(ring, my_stream, n_stream, i, STAGES, CELL_BYTES)
+        mbarrier.invalidate(bars.index(i))
+        mbarrier.invalidate(empty.index(i))
+    n_prog = gl.num_programs(0)
+    _cta_barrier()  # the last program out resets the counters for the next launch
+    if gl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
+        gl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        gl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr, SLICE: gl.constexpr,
+                ACT_STRIDE: gl.constexpr, HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
+                STAGES: gl.constexpr, THREADS: gl.constexpr, WS: gl.constexpr):
+    """The phases: prologues, GEMVs (consuming the ring), grid barriers."""
+    (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr,
+     n_layers, eps, ring, my_stream, n_stream) = body
+    WARPS: gl.constexpr = THREADS // 32
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    # a [GROUP/32, BLOCK_N] quarter cell: SPT contiguous columns per lane, 8 lanes along a row,
+    # 4 rows; the warps side by side (repeated along the row when they cover less than BLOCK_N)
+    SPT: gl.constexpr = max(1, min(4, BLOCK_N // (8 * WARPS)))
+    LW: gl.constexpr = gl.BlockedLayout([1, SPT], [4, 8], [1, WARPS], [1, 0])
+    CELL_BYTES: gl.constexpr = (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4
+    pid = gl.program_id(0)
+    n_prog = gl.num_programs(0)
+    if not WS:  # the first cell now, the rest once the first prologue's loads are done
+        _issue(ring, _copy_rows(my_stream, n_stream, 0), n_stream, 0, STAGES, CELL_BYTES)
     mine = act_ptr + pid * ACT_STRIDE
     n_sync = 0
     n_phases = 4 * n_layers + 1
@@ -369,19 +446,16 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
                 _prologue_pointwise(f_ptr, mine, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
                                     BLOCK_S, L1)
                 dst = res_ptr
-            gl.thread_barrier()  # the packed input is written before any thread reads it
+            _cta_barrier()  # the packed input is written before any thread reads it
+            if (not WS) and (ph == 0):
+                for i in gl.static_range(1, STAGES):
+                    _issue(ring, _copy_rows(my_stream, n_stream, i), n_stream, i, STAGES, CELL_BYTES)
             _stamp(trace_ptr, stamps + 1, TRACE, L1)
             k = _gemv_phase(ring, my_stream, n_stream, k, meta_ptr, vec_ptr, mine, dst, ph, pid, n_prog,
-                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW)
+                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW, WS)
             _stamp(trace_ptr, stamps + 2, TRACE, L1)
             n_sync += 1
-            gl.thread_barrier()
+            _cta_barrier()
             gl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
             _await(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS, L1)
         _stamp(trace_ptr, stamps + 3, TRACE, L1)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
-    gl.thread_barrier()  # the last program out resets the counters for the next launch
-    if gl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
-        gl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-        gl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")

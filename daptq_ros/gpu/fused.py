@@ -71,6 +71,8 @@ class FusedConfig:
             ``early_arrive`` are the Triton kernel's and do not apply. Where Gluon cannot run (the
             CPU interpreter) the Triton kernel computes the same function.
         stages: slots of that ring (each one cell: 32 KB of words and 2 KB of scales at 512 rows).
+        ws: with ``tma``, one extra producer warp issues the copies (warp specialization), so the
+            compute warps only wait for, read and release slots.
     """
 
     block_n: int = 512  # seventh run: 256 → 512 cut the GEMV time by ~15 % (docs/gpu_bench.md)
@@ -81,8 +83,9 @@ class FusedConfig:
     l2_ahead: int = 0  # sixth run: 2 cells within 1 % of none, 4-16 cells 2-10 % slower (docs/gpu_bench.md)
     ln_subset: bool = True  # seventh run: 2 % faster
     early_arrive: bool = True  # seventh run: 4 % faster
-    tma: bool = False
-    stages: int = 6
+    tma: bool = True  # eighth run: 0.0812 ms against 0.0931 for the register ring (docs/gpu_bench.md)
+    stages: int = 4  # eighth run: 4 slots as fast as 6, 8 at 256 rows slower
+    ws: bool = False  # eighth run: the same time (faster GEMVs, longer barrier waits)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -194,6 +197,17 @@ def _compiled_on(device: torch.device) -> bool:
     return device.type == "cuda" and kernels._on_compiled_gpu()
 
 
+def _tma_on(device: torch.device) -> bool:
+    """``device`` runs compiled Triton, is sm_90 or newer (TMA) and this Triton has Gluon."""
+    if not _compiled_on(device) or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _act_stride(d: int, ffn: int) -> int:
     """int32 words of one program's packed GEMV input (the longest row, in pairs, 16-word aligned)."""
     return math.ceil(max(d, ffn) / 2 / 16) * 16
@@ -234,8 +248,7 @@ class FusedTrunk(nn.Module):
         if self.config.quad and self.group_size < 32:
             raise FusionUnsupportedError(f"quad=True needs a group size >= 32 (4 K-words per thread), got "
                                          f"{self.group_size}; use FusedConfig(quad=False)")
-        if self.config.tma:
-            self._check_tma_fits()
+        self._tma_unfit = self._tma_unfit_reason() if self.config.tma else None
         eps = {float(m.eps) for m in trunk.modules() if isinstance(m, nn.LayerNorm)}
         if len(eps) != 1:
             raise FusionUnsupportedError(f"all LayerNorms must share one eps, got {sorted(eps)}")
@@ -246,18 +259,19 @@ class FusedTrunk(nn.Module):
         self.tuning: list[dict] = []  # fuse_trunk's candidate timings, when it chose the config
         self._checked_residency: set[tuple] = set()
         self._gluon_cache: dict[torch.device, dict] = {}
+        self._tma_warned: set[torch.device] = set()
 
-    def _check_tma_fits(self) -> None:
-        """The Gluon kernel's shapes: four K-words per thread, and a ring that fits shared memory."""
+    def _tma_unfit_reason(self) -> str | None:
+        """Why the TMA kernel cannot take this model and config (four K-words per thread, a ring
+        that fits shared memory), or None."""
         cfg = self.config
         if self.group_size < 32 or cfg.block_n < 32:
-            raise FusionUnsupportedError(f"tma=True needs a group size >= 32 and block_n >= 32, got "
-                                         f"{self.group_size} and {cfg.block_n}")
+            return f"it needs a group size >= 32 and block_n >= 32, got {self.group_size} and {cfg.block_n}"
         ring = cfg.stages * (self.group_size // 8 * cfg.block_n * 4 + cfg.block_n * 4)
         if ring > _TMA_RING_MAX:
-            raise FusionUnsupportedError(f"tma=True: stages={cfg.stages} × one {cfg.block_n}-row cell = "
-                                         f"{ring} B of shared memory, more than {_TMA_RING_MAX}; use fewer "
-                                         "stages")
+            return (f"stages={cfg.stages} × one {cfg.block_n}-row cell = {ring} B of shared memory, more "
+                    f"than {_TMA_RING_MAX}; use fewer stages")
+        return None
 
     @torch.no_grad()
     def _build_tables(self, trunk: Trunk, linears: list) -> None:
@@ -392,7 +406,8 @@ class FusedTrunk(nn.Module):
             consts = {**consts, "TRACE": True}
         args = (x1, out, self.words, self.scales, self.vecs, self.meta, s["res"], s["qkv"], s["f"], s["act"],
                 s["bar"], s["err"], s["bar"] if trace is None else trace, self.n_layers)
-        if self.config.tma and _compiled_on(device):
+        tma = self.config.tma and self._use_tma(device)
+        if tma:
             self._run_gluon(x1, out, s, p, consts, trace, device)
         elif persistent:
             self._check_residency(tf.fused_trunk_kernel, device, (*args, 0, n_phases, self.eps), p, consts)
@@ -401,7 +416,7 @@ class FusedTrunk(nn.Module):
             for ph in range(n_phases):
                 tf.fused_trunk_kernel[(p,)](*args, ph, ph + 1, self.eps, **consts)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        persistent = persistent or (self.config.tma and _compiled_on(device))
+        persistent = persistent or tma
         if persistent and not capturing and int(s["err"].item()):
             self._reset(device)
             raise RuntimeError(f"fused trunk: a grid barrier timed out — not all {p} programs were resident "
@@ -458,6 +473,16 @@ class FusedTrunk(nn.Module):
         return {"programs": p, "repeats": repeats, "total_us": float(torch.tensor(totals).median()),
                 "phases": phases}
 
+    def _use_tma(self, device: torch.device) -> bool:
+        """Whether the TMA kernel runs on ``device``. Where it cannot (a GPU before sm_90, a Triton
+        without Gluon, shapes it does not take) the Triton register-ring kernel computes the same
+        function, and a compiled GPU says why once."""
+        why = self._tma_unfit or (None if _tma_on(device) else "it needs sm_90+ and Triton with Gluon")
+        if why and _compiled_on(device) and device not in self._tma_warned:
+            self._tma_warned.add(device)
+            log.warning("fused trunk: tma=True, but %s; %s runs the Triton register-ring kernel", why, device)
+        return why is None
+
     def _gluon_args(self, device: torch.device, p: int) -> dict:
         """TMA descriptors and copy lists of the Gluon kernel on ``device`` (built once)."""
         cached = self._gluon_cache.get(device)
@@ -485,7 +510,9 @@ class FusedTrunk(nn.Module):
                 "HAS_BIAS", "MAX_SPIN", "TRACE", "THREADS", "num_warps")
         gconsts = {k: consts[k] for k in keep}
         gconsts.update(STREAM_STRIDE=g["stride"], STAGES=self.config.stages,
-                       TMA_W=tma_width(self.config.block_n), num_stages=1)
+                       TMA_W=tma_width(self.config.block_n), WS=self.config.ws, num_stages=1)
+        if self.config.ws:  # the producer's warpgroup gives its registers to the compute warps
+            gconsts["maxnreg"] = 65536 // (32 * (self.config.num_warps + 4)) // 8 * 8
         args = (x1, out, g["w_desc"], g["s_desc"], self.vecs, self.meta, g["stream"], g["n_stream"], s["res"],
                 s["qkv"], s["f"], s["act"], s["bar"], s["err"], s["bar"] if trace is None else trace,
                 self.n_layers, self.eps)
@@ -522,11 +549,10 @@ class FusedTrunk(nn.Module):
         self._checked_residency.add(key)
 
 
-# What fuse_trunk times on a GPU when no config is given (the default first): the seventh run's
-# fastest settings (docs/gpu_bench.md), the same with a short L2 prefetch, and the sixth run's
-# default (256-row tiles, no early arrive, whole-row LayerNorm prologues).
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(l2_ahead=2),
-                   FusedConfig(block_n=256, early_arrive=False, ln_subset=False))
+# What fuse_trunk times on a GPU when no config is given (the default first): the eighth run's
+# TMA ring (docs/gpu_bench.md), the same with a producer warp, and the seventh run's register-ring
+# Triton kernel.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(ws=True), FusedConfig(tma=False))
 _TUNE_REL_ERR_MAX = 2e-2
 
 

@@ -36,10 +36,10 @@ log = logging.getLogger("daptq_ros.gpu.fused_bench")
 TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda: vla_trunk_config(6),
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
-# One change at a time from the default.
-GRID = [BASE, replace(BASE, persistent=False), replace(BASE, quad=False), replace(BASE, l2_ahead=2),
-        replace(BASE, early_arrive=False), replace(BASE, ln_subset=False),
-        replace(BASE, block_n=256)]
+# One change at a time from the default (the TMA ring), then the Triton register-ring kernel and
+# its per-phase ablation.
+GRID = [BASE, replace(BASE, ws=True), replace(BASE, stages=6), replace(BASE, block_n=256, stages=8),
+        replace(BASE, tma=False), replace(BASE, tma=False, persistent=False)]
 
 
 def _label(cfg: FusedConfig) -> str:
@@ -47,7 +47,7 @@ def _label(cfg: FusedConfig) -> str:
              if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     if cfg.tma:
-        flags, l2 = [f"tma{cfg.stages}", *(["lnsub"] if cfg.ln_subset else [])], ""
+        flags, l2 = [f"tma{cfg.stages}", *(["ws"] if cfg.ws else [])], ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
             f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
 
