@@ -9,13 +9,17 @@ as TMA bulk copies into a ring of ``STAGES`` shared-memory slots (34 KB each: on
 words and its scale pair row), one mbarrier per slot. A slot is refilled with the cell ``STAGES``
 further on as soon as every warp has read it, whatever GEMV that cell belongs to, so the copies
 keep running through barriers and prologues: by the time a GEMV starts, its first ``STAGES``
-cells are (being) loaded. The registers hold only the cell being computed.
+cells are (being) loaded. The registers hold only the cell being computed. With ``WS`` one
+extra producer warp (``gl.warp_specialize``) issues the copies and the compute warps signal each
+slot's "empty" mbarrier; otherwise the compute warps refill the slot themselves.
 
-The host passes each program's copy list (:func:`daptq_ros.gpu.fused.FusedTrunk` builds it): the
-TMA row of every cell's words and of its scale pair row, in the order the program consumes
-them. Grid barriers, prologues and atomics are the Triton kernel's, written with explicit
-layouts. GPU only: Gluon has no CPU interpreter, so the tests compile it for sm_90 and check it
-against the Triton kernel on a GPU.
+The host passes each program's copy list (:func:`daptq_ros.gpu.fused.tma_copy_list`): the TMA
+row of every cell's words and of its scale pair row, in the order the program consumes them.
+Each prologue writes the GEMV input into shared memory (one row of packed words per K-group,
+laid out so that a thread reads its K-words' activations with one load each). Grid barriers and
+atomics are the Triton kernel's, written with explicit layouts. GPU only: Gluon has no CPU
+interpreter, so the CPU tests compile it for sm_90 and check its copy lists; its output is
+checked on the GPU (the tuner and the benchmarks compare every config with float32).
 """
 
 from __future__ import annotations
@@ -93,16 +97,31 @@ def _producer(ring, stream_ptr, n_stream, STAGES: gl.constexpr, CELL_BYTES: gl.c
 
 
 @gluon.jit
-def _act_words(act_ptr, g, offs_r, GW: gl.constexpr):
-    """The 16 packed activation words the thread's four K-words (rows r, Q + r, 2Q + r, 3Q + r of
-    group ``g``) need, 4 per K-word."""
-    Q: gl.constexpr = GW // 4
-    xp = act_ptr + (g * GW + offs_r) * 4
-    return (gl.load(xp), gl.load(xp + 1), gl.load(xp + 2), gl.load(xp + 3),
-            gl.load(xp + 4 * Q), gl.load(xp + 4 * Q + 1), gl.load(xp + 4 * Q + 2), gl.load(xp + 4 * Q + 3),
-            gl.load(xp + 8 * Q), gl.load(xp + 8 * Q + 1), gl.load(xp + 8 * Q + 2), gl.load(xp + 8 * Q + 3),
-            gl.load(xp + 12 * Q), gl.load(xp + 12 * Q + 1), gl.load(xp + 12 * Q + 2),
-            gl.load(xp + 12 * Q + 3))
+def _act_words(act_s, row, ROWL: gl.constexpr):
+    """The 16 packed activation words of one group the thread's four K-words (i·Q + r, i < 4, its
+    row r) need, 4 per K-word, from row ``row`` of the shared activation buffer
+    (:func:`_store_act`: the words of K-word i·Q + r, pair j at [16·row + 4i + j, r])."""
+    b = row * 16
+    return (act_s.index(b).load(ROWL), act_s.index(b + 1).load(ROWL), act_s.index(b + 2).load(ROWL),
+            act_s.index(b + 3).load(ROWL), act_s.index(b + 4).load(ROWL), act_s.index(b + 5).load(ROWL),
+            act_s.index(b + 6).load(ROWL), act_s.index(b + 7).load(ROWL), act_s.index(b + 8).load(ROWL),
+            act_s.index(b + 9).load(ROWL), act_s.index(b + 10).load(ROWL), act_s.index(b + 11).load(ROWL),
+            act_s.index(b + 12).load(ROWL), act_s.index(b + 13).load(ROWL), act_s.index(b + 14).load(ROWL),
+            act_s.index(b + 15).load(ROWL))
+
+
+@gluon.jit
+def _store_act(act_s, packed, GROUP: gl.constexpr):
+    """Packed words of whole groups (pair order: group, K-word i·Q + r, pair j) → the shared
+    activation buffer, 16 rows of Q per group, as [16·group + 4i + j, r] (:func:`_act_words` reads
+    a thread's r with one load per (i, j))."""
+    BLOCK: gl.constexpr = packed.shape[0]
+    Q: gl.constexpr = GROUP // 32
+    R: gl.constexpr = BLOCK // (GROUP // 2)
+    t = gl.permute(gl.reshape(packed, [R, 4, Q, 4]), [0, 1, 3, 2])
+    ROWS: gl.constexpr = act_s.shape[0]
+    view = _reinterpret(act_s, gl.int32, [ROWS, Q], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    view.slice(0, R * 16).store(gl.reshape(t, [R * 16, Q]))
 
 
 @gluon.jit
@@ -117,13 +136,15 @@ def _dot(w0, w1, w2, w3, x):
 
 
 @gluon.jit
-def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_ptr, j, pid, n_prog,
+def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr, j, pid, n_prog,
                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
-                CELL_BYTES: gl.constexpr, LW: gl.constexpr, WS: gl.constexpr):
+                CELL_BYTES: gl.constexpr, LW: gl.constexpr, WS: gl.constexpr, BLOCK_S: gl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells of GEMV ``j``, consuming copies
     ``k``, ``k`` + 1, … of the ring. Once read, a slot is refilled with the copy ``STAGES`` on —
     here, or (``WS``) by the producer warp, which this signals on the slot's "empty" mbarrier.
-    Returns the next copy index."""
+    The input is the prologue's shared buffer: row c - c0 for a run of groups (the cells span
+    fewer groups than the row, as the prologue decided), else row g of the whole row. Returns the
+    next copy index."""
     GW: gl.constexpr = GROUP // 8
     Q: gl.constexpr = GW // 4
     ROWL: gl.constexpr = gl.SliceLayout(1, LW)
@@ -137,14 +158,14 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_ptr, out_p
     b_base = vec_ptr + gl.load(row + 2)
     t = c0 // n_groups
     g = c0 - t * n_groups
-    offs_r = gl.arange(0, Q, layout=ROWL)
+    few = ((c1 - c0) < n_groups) & ((c1 - c0) * (GROUP // 2) <= BLOCK_S)  # as _own_groups
     offs_n = gl.arange(0, BLOCK_N, layout=COLL)
     acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
     extra = gl.zeros([BLOCK_N], gl.float32, COLL)
     for c in range(c0, c1):
         if not WS:
             refill = _copy_rows(stream_ptr, n_stream, k + STAGES)  # (loads issued before the wait)
-        x = _act_words(act_ptr, g, offs_r, GW)
+        x = _act_words(act_s, gl.where(few, c - c0, g), ROWL)
         slot = k % STAGES
         mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
         cell = _reinterpret(ring_w.index(slot), gl.int32, [GW, BLOCK_N], PLAIN2)
@@ -215,18 +236,17 @@ def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: gl.constexpr, BLOCK_S: gl.co
 
 
 @gluon.jit
-def _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_ptr, pairs):
-    """(x - mean)·rstd·γ + β of the given pairs → packed words."""
+def _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_s, pairs, GROUP: gl.constexpr):
+    """(x - mean)·rstd·γ + β of the given pairs → packed words in the shared buffer."""
     ge = gl.load(gamma_ptr + 2 * pairs, mask=mask)
     go = gl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
     be = gl.load(beta_ptr + 2 * pairs, mask=mask)
     bo = gl.load(beta_ptr + 2 * pairs + 1, mask=mask)
-    packed = _pack_f16x2((e - mean) * rstd * ge + be, (o - mean) * rstd * go + bo)
-    gl.store(act_ptr + pairs, packed, mask=mask)
+    _store_act(act_s, _pack_f16x2((e - mean) * rstd * ge + be, (o - mean) * rstd * go + bo), GROUP)
 
 
 @gluon.jit
-def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
+def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
                  SRC_BF16: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
     """LayerNorm(src)·γ + β of this program's own K-groups (all of them when its cells span the
     row) → its packed activation words; the statistics come from the whole row."""
@@ -237,32 +257,39 @@ def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid
         me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
         e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
         mean, rstd = _pair_stats(e, o, mask, n, eps)
-        _normalize_store(me, mo, m, mean, rstd, gamma_ptr, beta_ptr, act_ptr, mine)
+        _normalize_store(me, mo, m, mean, rstd, gamma_ptr, beta_ptr, act_s, mine, GROUP)
     else:
-        e2, o2 = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
-        mean2, rstd2 = _pair_stats(e2, o2, mask, n, eps)
-        _normalize_store(e2, o2, mask, mean2, rstd2, gamma_ptr, beta_ptr, act_ptr, pairs)
+        _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP, SRC_BF16)
 
 
 @gluon.jit
-def _pointwise_pairs(src_ptr, act_ptr, pairs, mask, GELU: gl.constexpr):
+def _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP: gl.constexpr,
+            SRC_BF16: gl.constexpr):
+    """LayerNorm(src)·γ + β of the whole row → the shared activation buffer."""
+    e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
+    mean, rstd = _pair_stats(e, o, mask, n, eps)
+    _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_s, pairs, GROUP)
+
+
+@gluon.jit
+def _pointwise_pairs(src_ptr, act_s, pairs, mask, GELU: gl.constexpr, GROUP: gl.constexpr):
     e, o = _load_pairs(src_ptr, pairs, mask, False)
     if GELU:  # x·σ(2·√(2/π)(x + 0.044715x³))
         e = e / (1.0 + gl.exp(-1.5957691216057308 * (e + 0.044715 * e * e * e)))
         o = o / (1.0 + gl.exp(-1.5957691216057308 * (o + 0.044715 * o * o * o)))
-    gl.store(act_ptr + pairs, _pack_f16x2(e, o), mask=mask)
+    _store_act(act_s, _pack_f16x2(e, o), GROUP)
 
 
 @gluon.jit
-def _prologue_pointwise(src_ptr, act_ptr, n, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
+def _prologue_pointwise(src_ptr, act_s, n, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
                         GELU: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
     """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words."""
     few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1)
     if few:
-        _pointwise_pairs(src_ptr, act_ptr, mine, m, GELU)
+        _pointwise_pairs(src_ptr, act_s, mine, m, GELU, GROUP)
     else:
         pairs = gl.arange(0, BLOCK_P, layout=L1)
-        _pointwise_pairs(src_ptr, act_ptr, pairs, pairs < n // 2, GELU)
+        _pointwise_pairs(src_ptr, act_s, pairs, pairs < n // 2, GELU, GROUP)
 
 
 @gluon.jit
@@ -342,10 +369,10 @@ def _stamp(trace_ptr, idx, TRACE: gl.constexpr, L1: gl.constexpr):
 
 @gluon.jit
 def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream_ptr, n_stream_ptr, res_ptr,
-                       qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr, n_layers, eps,
+                       qkv_ptr, f_ptr, bar_ptr, err_ptr, trace_ptr, n_layers, eps,
                        D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr,
-                       SLICE: gl.constexpr, ACT_STRIDE: gl.constexpr, STREAM_STRIDE: gl.constexpr,
+                       SLICE: gl.constexpr, STREAM_STRIDE: gl.constexpr,
                        HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
                        STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr, WS: gl.constexpr):
     """The whole one-token forward (module docstring), one persistent program per SM.
@@ -369,16 +396,20 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
     pid = gl.program_id(0)
     my_stream = stream_ptr + pid * STREAM_STRIDE
     n_stream = gl.load(n_stream_ptr + pid)
-    body = (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr,
+    # the GEMV input, built by each prologue: one row of GROUP/2 packed words per K-group
+    ACT_ROWS: gl.constexpr = max(BLOCK_PF, BLOCK_PD, BLOCK_S) // (GROUP // 2)
+    act_s = gl.allocate_shared_memory(gl.int32, [ACT_ROWS * 16, GROUP // 32],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    body = (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_s, bar_ptr, err_ptr, trace_ptr,
             n_layers, eps, ring, my_stream, n_stream)
     if WS:
         gl.warp_specialize([(_trunk_body, (body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE,
-                                           ACT_STRIDE, HAS_BIAS, MAX_SPIN, TRACE, STAGES, THREADS, WS)),
+                                           HAS_BIAS, MAX_SPIN, TRACE, STAGES, THREADS, WS)),
                             (_producer, (ring, my_stream, n_stream, STAGES,
                                          (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4))], [1], [24])
     else:
-        _trunk_body(body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE, ACT_STRIDE, HAS_BIAS,
-                    MAX_SPIN, TRACE, STAGES, THREADS, WS)
+        _trunk_body(body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE, HAS_BIAS, MAX_SPIN,
+                    TRACE, STAGES, THREADS, WS)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
         mbarrier.invalidate(empty.index(i))
@@ -392,10 +423,10 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
 @gluon.jit
 def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr, SLICE: gl.constexpr,
-                ACT_STRIDE: gl.constexpr, HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
+                HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
                 STAGES: gl.constexpr, THREADS: gl.constexpr, WS: gl.constexpr):
     """The phases: prologues, GEMVs (consuming the ring), grid barriers."""
-    (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_ptr, bar_ptr, err_ptr, trace_ptr,
+    (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_s, bar_ptr, err_ptr, trace_ptr,
      n_layers, eps, ring, my_stream, n_stream) = body
     WARPS: gl.constexpr = THREADS // 32
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
@@ -408,7 +439,6 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
     n_prog = gl.num_programs(0)
     if not WS:  # the first cell now, the rest once the first prologue's loads are done
         _issue(ring, _copy_rows(my_stream, n_stream, 0), n_stream, 0, STAGES, CELL_BYTES)
-    mine = act_ptr + pid * ACT_STRIDE
     n_sync = 0
     n_phases = 4 * n_layers + 1
     k = 0
@@ -425,25 +455,25 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
         else:
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
                 if layer == 0:
-                    _prologue_ln(x_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                    _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
                                  BLOCK_PD, BLOCK_S, L1)
                     _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE, L1)
                 else:
-                    _prologue_ln(res_ptr, ln, ln + D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
+                    _prologue_ln(res_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
                                  BLOCK_PD, BLOCK_S, L1)
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE, L1)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
-                _prologue_pointwise(qkv_ptr + 2 * D, mine, D, meta_ptr, ph, pid, n_prog, GROUP, False,
+                _prologue_pointwise(qkv_ptr + 2 * D, act_s, D, meta_ptr, ph, pid, n_prog, GROUP, False,
                                     BLOCK_PD, BLOCK_S, L1)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
-                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, mine, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
+                _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
                              False, BLOCK_PD, BLOCK_S, L1)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE, L1)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
-                _prologue_pointwise(f_ptr, mine, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
+                _prologue_pointwise(f_ptr, act_s, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
                                     BLOCK_S, L1)
                 dst = res_ptr
             _cta_barrier()  # the packed input is written before any thread reads it
@@ -451,8 +481,8 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
                 for i in gl.static_range(1, STAGES):
                     _issue(ring, _copy_rows(my_stream, n_stream, i), n_stream, i, STAGES, CELL_BYTES)
             _stamp(trace_ptr, stamps + 1, TRACE, L1)
-            k = _gemv_phase(ring, my_stream, n_stream, k, meta_ptr, vec_ptr, mine, dst, ph, pid, n_prog,
-                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW, WS)
+            k = _gemv_phase(ring, my_stream, n_stream, k, meta_ptr, vec_ptr, act_s, dst, ph, pid, n_prog,
+                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW, WS, BLOCK_S)
             _stamp(trace_ptr, stamps + 2, TRACE, L1)
             n_sync += 1
             _cta_barrier()

@@ -38,7 +38,7 @@ TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda
 BASE = FusedConfig()
 # One change at a time from the default (the TMA ring), then the Triton register-ring kernel and
 # its per-phase ablation.
-GRID = [BASE, replace(BASE, ws=True), replace(BASE, stages=6), replace(BASE, block_n=256, stages=8),
+GRID = [BASE, replace(BASE, ws=False), replace(BASE, stages=5), replace(BASE, block_n=256, stages=8),
         replace(BASE, tma=False), replace(BASE, tma=False, persistent=False)]
 
 
@@ -47,7 +47,8 @@ def _label(cfg: FusedConfig) -> str:
              if on]
     l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     if cfg.tma:
-        flags, l2 = [f"tma{cfg.stages}", *(["ws"] if cfg.ws else [])], ""
+        flags = [f"tma{cfg.stages}", *(["ws"] if cfg.ws else [])]
+        l2 = ""
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
             f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
 
