@@ -28,7 +28,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from daptq_ros.gpu._triton_fused import _q4x32_dot_asm
+from daptq_ros.gpu._triton_fused import (
+    LOAD_ACQUIRE_BY_THREAD0_ASM,
+    _cell_range,
+    _load_pairs,
+    _pack_f16x2,
+    _q4x32_dot_asm,
+)
 
 _DOT_ASM = gl.constexpr(_q4x32_dot_asm())
 # A CTA-wide (in a warp-specialized region: partition-wide) barrier; renamed after Triton 3.6.
@@ -45,23 +51,6 @@ def _reinterpret(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.cons
         return smem.reinterpret(dtype, shape, layout)
     else:
         return smem._reinterpret(dtype, shape, layout)
-
-
-@gluon.jit
-def _pack_f16x2(even, odd):
-    """fp32 (even, odd) → int32 words of two fp16, even in the low half."""
-    lo = even.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    hi = odd.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32)
-    return lo | (hi << 16)
-
-
-@gluon.jit
-def _cell_range(meta_ptr, j, pid, n_prog):
-    """GEMV ``j``'s groups per tile and this program's cell range [c0, c1)."""
-    row = meta_ptr + j * META_STRIDE
-    n_groups = gl.load(row + 4).to(gl.int32)
-    n_cells = gl.load(row + 3).to(gl.int32) * n_groups
-    return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
 
 
 @gluon.jit
@@ -199,17 +188,6 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
 
 
 @gluon.jit
-def _load_pairs(src_ptr, pairs, mask, SRC_BF16: gl.constexpr):
-    """Even and odd elements (fp32) of the given pair indices."""
-    if SRC_BF16:
-        return (gl.load(src_ptr + 2 * pairs, mask=mask, other=0.0).to(gl.float32),
-                gl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0).to(gl.float32))
-    else:
-        return (gl.load(src_ptr + 2 * pairs, mask=mask, other=0.0, cache_modifier=".cg"),
-                gl.load(src_ptr + 2 * pairs + 1, mask=mask, other=0.0, cache_modifier=".cg"))
-
-
-@gluon.jit
 def _add_pairs(a, b, c, d):
     return a + c, b + d
 
@@ -336,10 +314,8 @@ def _load_acquire(ptr, THREADS: gl.constexpr, L1: gl.constexpr):
     the others contribute 0). Measured: relaxed polls with one ``fence.acq_rel.gpu`` per thread
     at the end made the barrier waits longer (docs/gpu_bench.md, eighth run)."""
     idx = gl.arange(0, THREADS, layout=L1)
-    v = gl.inline_asm_elementwise(
-        "{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
-        "@p ld.acquire.gpu.global.b32 $0, [$1];\n}",
-        "=r,l,r", [ptr + 0 * idx, idx], dtype=gl.int32, is_pure=False, pack=1)
+    v = gl.inline_asm_elementwise(LOAD_ACQUIRE_BY_THREAD0_ASM, "=r,l,r", [ptr + 0 * idx, idx], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     return gl.max(v, axis=0)
 
 

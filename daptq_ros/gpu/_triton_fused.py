@@ -73,6 +73,9 @@ META_W, META_S, META_BIAS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 META_TILES, META_GROUPS, META_N = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5)
 META_STRIDE = tl.constexpr(8)
 # The vector table (fp32): per layer ln1 γ, β, ln2 γ, β (d each), then the final γ, β.
+# ld.acquire.gpu of [$1] by the thread whose $2 is 0 (the others return 0).
+LOAD_ACQUIRE_BY_THREAD0_ASM = tl.constexpr("{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
+                                           "@p ld.acquire.gpu.global.b32 $0, [$1];\n}")
 
 
 @triton.jit
@@ -514,10 +517,8 @@ def _load_acquire(ptr, THREADS: tl.constexpr):
     max-reduction over the program; the other threads contribute 0). Later loads of every thread
     are ordered after it by the reduction's CTA barrier."""
     idx = tl.arange(0, THREADS)
-    v = tl.inline_asm_elementwise(
-        "{\n.reg .pred p;\nsetp.eq.s32 p, $2, 0;\nmov.u32 $0, 0;\n"
-        "@p ld.acquire.gpu.global.b32 $0, [$1];\n}",
-        "=r,l,r", [ptr + 0 * idx, idx], dtype=tl.int32, is_pure=False, pack=1)
+    v = tl.inline_asm_elementwise(LOAD_ACQUIRE_BY_THREAD0_ASM, "=r,l,r", [ptr + 0 * idx, idx], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     return tl.max(v, axis=0)
 
 
