@@ -58,8 +58,9 @@ class FusedConfig:
         num_warps: warps per program.
         programs_per_sm: co-resident programs per SM (1 or 2; checked against the compiled
             kernel's registers before the first persistent launch).
-        persistent: one launch with grid barriers; False launches once per phase (the ablation,
-            and what the CPU interpreter always does).
+        persistent: one launch with grid barriers; False launches the Triton kernel once per phase
+            (the ablation, and what the CPU interpreter always does). The TMA kernel is always one
+            launch.
         quad: each thread dots four K-words of a column at once, summing 32 products in fp16x2
             before fp32 (fewer instructions per weight), instead of one K-word (8 products).
         l2_ahead: cells prefetched into L2 past the two-cell register ring (0 = none, up to 16);
@@ -251,27 +252,30 @@ class FusedTrunk(nn.Module):
         if self.config.quad and self.group_size < 32:
             raise FusionUnsupportedError(f"quad=True needs a group size >= 32 (4 K-words per thread), got "
                                          f"{self.group_size}; use FusedConfig(quad=False)")
-        self._tma_unfit = self._tma_unfit_reason() if self.config.tma else None
         eps = {float(m.eps) for m in trunk.modules() if isinstance(m, nn.LayerNorm)}
         if len(eps) != 1:
             raise FusionUnsupportedError(f"all LayerNorms must share one eps, got {sorted(eps)}")
         self._build_tables(trunk, linears)
+        self._tma_unfit = self._tma_unfit_reason() if self.config.tma else None  # (per device: _use_tma)
         object.__setattr__(self, "_inner", trunk)  # not a submodule: its buffers are not ours
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._launch_cache: dict[torch.device, tuple[int, dict]] = {}
         self.tuning: list[dict] = []  # fuse_trunk's candidate timings, when it chose the config
         self._checked_residency: set[tuple] = set()
         self._gluon_cache: dict[torch.device, dict] = {}
-        self._tma_warned: set[torch.device] = set()
+        self._tma_ok: dict[torch.device, bool] = {}
 
-    def _tma_unfit_reason(self) -> str | None:
+    def _tma_unfit_reason(self, programs: int | None = None) -> str | None:
         """Why the TMA kernel cannot take this model and config (four K-words per thread, a ring
-        that fits shared memory), or None."""
+        and input buffer that fit shared memory; with ``programs``, also a program's largest run
+        of input groups), or None."""
         cfg = self.config
         if self.group_size < 32 or cfg.block_n < 32:
             return f"it needs a group size >= 32 and block_n >= 32, got {self.group_size} and {cfg.block_n}"
         ring = cfg.stages * (self.group_size // 8 * cfg.block_n * 4 + cfg.block_n * 4)
-        act = 4 * _next_pow2(max(self.d_model, self.ffn) // 2)  # the packed GEMV input
+        # the packed GEMV input: the longest row, or a program's run of groups (_gluon_fused ACT_ROWS)
+        act = 4 * max(_next_pow2(max(self.d_model, self.ffn) // 2),
+                      self._subset_pairs(programs) if programs else 0)
         if ring + act > _TMA_RING_MAX:
             return (f"stages={cfg.stages} × one {cfg.block_n}-row cell = {ring} B of shared memory, with "
                     f"the {act} B input buffer more than {_TMA_RING_MAX}; use fewer stages")
@@ -481,11 +485,15 @@ class FusedTrunk(nn.Module):
         """Whether the TMA kernel runs on ``device``. Where it cannot (a GPU before sm_90, a Triton
         without Gluon, shapes it does not take) the Triton register-ring kernel computes the same
         function, and a compiled GPU says why once."""
-        why = self._tma_unfit or (None if _tma_on(device) else "it needs sm_90+ and Triton with Gluon")
-        if why and _compiled_on(device) and device not in self._tma_warned:
-            self._tma_warned.add(device)
-            log.warning("fused trunk: tma=True, but %s; %s runs the Triton register-ring kernel", why, device)
-        return why is None
+        ok = self._tma_ok.get(device)
+        if ok is None:
+            why = (self._tma_unfit or self._tma_unfit_reason(self.n_programs(device))
+                   or (None if _tma_on(device) else "it needs sm_90+ and Triton with Gluon"))
+            if why and _compiled_on(device):
+                log.warning("fused trunk: tma=True, but %s; %s runs the Triton register-ring kernel", why,
+                            device)
+            ok = self._tma_ok[device] = why is None
+        return ok
 
     def _gluon_args(self, device: torch.device, p: int) -> dict:
         """TMA descriptors and copy lists of the Gluon kernel on ``device`` (built once)."""
@@ -537,7 +545,7 @@ class FusedTrunk(nn.Module):
         if hasattr(kernel, "_init_handles"):
             kernel._init_handles()  # loads the cubin: n_regs is known from here on
         props = torch.cuda.get_device_properties(device)
-        threads = 32 * consts["num_warps"]
+        threads = 32 * (consts["num_warps"] + (4 if consts.get("WS") else 0))  # (+ the producer's warpgroup)
         regs = int(getattr(kernel, "n_regs", 0) or 255)  # unknown: assume the worst
         per_sm = min(65536 // (math.ceil(regs / 8) * 8 * threads), 2048 // threads)
         smem = int(kernel.metadata.shared) if hasattr(kernel, "metadata") else 0
