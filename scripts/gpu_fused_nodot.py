@@ -1,7 +1,10 @@
-"""Device-only diagnostic: rewrite this checkout's fused kernel so its cell loop does no arithmetic.
+"""Device-only diagnostic: rewrite this checkout's Triton (register-ring) fused kernel so its cell
+loop does no arithmetic.
 
     python3 scripts/gpu_fused_nodot.py     # edits daptq_ros/gpu/_triton_fused.py in place
-    PYTHONPATH=. python3 -m daptq_ros.gpu.fused_bench --json nodot.json --trace-only --config ""
+    PYTHONPATH=. python3 -m daptq_ros.gpu.fused_bench --json nodot.json --trace-only --config tma=0
+
+(``tma=0``: the default config runs the TMA kernel, ``_gluon_fused.py``, which this does not touch.)
 
 The int4 dot of each cell becomes an xor of its weight and activation words (so every load stays
 live and is still issued where it was), leaving the loads, atomics, prologues and barriers as

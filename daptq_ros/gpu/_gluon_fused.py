@@ -30,10 +30,15 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from daptq_ros.gpu._triton_fused import (
     LOAD_ACQUIRE_BY_THREAD0_ASM,
+    META_BIAS,
+    META_N,
+    META_STRIDE,
     _cell_range,
     _load_pairs,
     _pack_f16x2,
     _q4x32_dot_asm,
+    _spans_few_groups,
+    _step_group,
 )
 
 _DOT_ASM = gl.constexpr(_q4x32_dot_asm())
@@ -41,7 +46,6 @@ _DOT_ASM = gl.constexpr(_q4x32_dot_asm())
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 # A TMA copy global → shared completing on an mbarrier (``async_load`` after Triton 3.6).
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-META_STRIDE = gl.constexpr(8)  # int64 fields per GEMV row of the meta table (see _triton_fused.META_*)
 
 
 @gluon.jit
@@ -143,11 +147,11 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
     _, _, ring_w, ring_s, bars, empty = ring
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     row = meta_ptr + j * META_STRIDE
-    n_out = gl.load(row + 5).to(gl.int32)
-    b_base = vec_ptr + gl.load(row + 2)
+    n_out = gl.load(row + META_N).to(gl.int32)
+    b_base = vec_ptr + gl.load(row + META_BIAS)
     t = c0 // n_groups
     g = c0 - t * n_groups
-    few = ((c1 - c0) < n_groups) & ((c1 - c0) * (GROUP // 2) <= BLOCK_S)  # as _own_groups
+    few = _spans_few_groups(c0, c1, n_groups, GROUP // 2, BLOCK_S)  # as the prologue decided
     offs_n = gl.arange(0, BLOCK_N, layout=COLL)
     acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
     extra = gl.zeros([BLOCK_N], gl.float32, COLL)
@@ -169,6 +173,7 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
         else:
             _cta_barrier()  # every warp has read the slot: refill it
             _issue(ring, refill, n_stream, k + STAGES, STAGES, CELL_BYTES)
+        # the cell's scales (as _triton_fused._scale_of; calling it changes the sm_90 schedule)
         bits = gl.where((g % 2) == 0, sw << 16, sw & -65536)
         acc += _dot(w0, w1, w2, w3, x) * bits.to(gl.float32, bitcast=True)[None, :]
         if HAS_BIAS:
@@ -180,9 +185,7 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
                           sem="relaxed")
             acc = gl.zeros([Q, BLOCK_N], gl.float32, LW)
             extra = gl.zeros([BLOCK_N], gl.float32, COLL)
-        g += 1
-        t = gl.where(g == n_groups, t + 1, t)
-        g = gl.where(g == n_groups, 0, g)
+        g, t = _step_group(g, t, n_groups)
         k += 1
     return k
 
@@ -209,7 +212,7 @@ def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: gl.constexpr, BLOCK_S: gl.co
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     HALF: gl.constexpr = GROUP // 2
     i = gl.arange(0, BLOCK_S, layout=L1)
-    few = ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S)
+    few = _spans_few_groups(c0, c1, n_groups, HALF, BLOCK_S)
     return few, ((c0 % n_groups) * HALF + i) % (n // 2), i < (c1 - c0) * HALF
 
 
@@ -252,7 +255,8 @@ def _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP: gl.
 @gluon.jit
 def _pointwise_pairs(src_ptr, act_s, pairs, mask, GELU: gl.constexpr, GROUP: gl.constexpr):
     e, o = _load_pairs(src_ptr, pairs, mask, False)
-    if GELU:  # x·σ(2·√(2/π)(x + 0.044715x³))
+    if GELU:  # x·σ(2·√(2/π)(x + 0.044715x³)), as _triton_fused._gelu_tanh (its tl.sigmoid compiles
+        # to other instructions)
         e = e / (1.0 + gl.exp(-1.5957691216057308 * (e + 0.044715 * e * e * e)))
         o = o / (1.0 + gl.exp(-1.5957691216057308 * (o + 0.044715 * o * o * o)))
     _store_act(act_s, _pack_f16x2(e, o), GROUP)

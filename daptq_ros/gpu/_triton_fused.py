@@ -390,6 +390,13 @@ def _pair_stats(e, o, mask, n, eps):
 
 
 @triton.jit
+def _spans_few_groups(c0, c1, n_groups, HALF: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Whether cells [c0, c1) span fewer K-groups than the row and their run of HALF-pair groups
+    fits ``BLOCK_S`` pairs: the prologue then builds only that run, and the GEMV reads it."""
+    return ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S)
+
+
+@triton.jit
 def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
     """Whether this program's cells of GEMV ``j`` span fewer K-groups than the length-``n`` row
     (and fit ``BLOCK_S`` pairs), and the pair indices of those groups with their mask (a run that
@@ -397,7 +404,7 @@ def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: tl.constexpr, BLOCK_S: tl.co
     n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
     HALF: tl.constexpr = GROUP // 2
     i = tl.arange(0, BLOCK_S)
-    few = ((c1 - c0) < n_groups) & ((c1 - c0) * HALF <= BLOCK_S)
+    few = _spans_few_groups(c0, c1, n_groups, HALF, BLOCK_S)
     return few, ((c0 % n_groups) * HALF + i) % (n // 2), i < (c1 - c0) * HALF
 
 

@@ -40,6 +40,7 @@ FUSED_VARIANT = "w4a16_fused_g128"
 # The offset-binary word of eight zero weights (nibble 8 each), as int32: padding rows of a tile.
 _ZERO_WORD = -0x77777778
 _MAX_SPIN = 1 << 22  # barrier polls (~1 s) before the kernel flags a non-resident grid
+_PRODUCER_WARPS = 4  # the TMA kernel's producer warp occupies a whole warpgroup (registers, residency)
 _TMA_RING_MAX = 220 * 1024  # of the 227 KB an sm_90 program may have (the rest: reductions, barriers)
 _INTERPRET_PROGRAMS = 3  # programs per launch in the CPU interpreter (uneven cell splits on purpose)
 
@@ -524,7 +525,7 @@ class FusedTrunk(nn.Module):
         gconsts.update(STREAM_STRIDE=g["stride"], STAGES=self.config.stages,
                        TMA_W=tma_width(self.config.block_n), WS=self.config.ws, num_stages=1)
         if self.config.ws:  # the producer's warpgroup gives its registers to the compute warps
-            gconsts["maxnreg"] = 65536 // (32 * (self.config.num_warps + 4)) // 8 * 8
+            gconsts["maxnreg"] = 65536 // (32 * (self.config.num_warps + _PRODUCER_WARPS)) // 8 * 8
         args = (x1, out, g["w_desc"], g["s_desc"], self.vecs, self.meta, g["stream"], g["n_stream"], s["res"],
                 s["qkv"], s["f"], s["bar"], s["err"], s["bar"] if trace is None else trace, self.n_layers,
                 self.eps)
@@ -545,7 +546,7 @@ class FusedTrunk(nn.Module):
         if hasattr(kernel, "_init_handles"):
             kernel._init_handles()  # loads the cubin: n_regs is known from here on
         props = torch.cuda.get_device_properties(device)
-        threads = 32 * (consts["num_warps"] + (4 if consts.get("WS") else 0))  # (+ the producer's warpgroup)
+        threads = 32 * (consts["num_warps"] + (_PRODUCER_WARPS if consts.get("WS") else 0))
         regs = int(getattr(kernel, "n_regs", 0) or 255)  # unknown: assume the worst
         per_sm = min(65536 // (math.ceil(regs / 8) * 8 * threads), 2048 // threads)
         smem = int(kernel.metadata.shared) if hasattr(kernel, "metadata") else 0

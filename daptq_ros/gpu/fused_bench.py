@@ -43,14 +43,13 @@ GRID = [BASE, replace(BASE, ws=False), replace(BASE, stages=5), replace(BASE, bl
 
 
 def _label(cfg: FusedConfig) -> str:
-    flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive), ("lnsub", cfg.ln_subset))
-             if on]
-    l2 = f" l2+{cfg.l2_ahead}" if cfg.l2_ahead else ""
     if cfg.tma:
         flags = [f"tma{cfg.stages}", *(["ws"] if cfg.ws else [])]
-        l2 = ""
+    else:  # the Triton kernel's own knobs
+        flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive),
+                                       ("lnsub", cfg.ln_subset), (f"l2+{cfg.l2_ahead}", cfg.l2_ahead)) if on]
     return (f"{'persistent' if cfg.persistent else 'per-phase'} n{cfg.block_n} "
-            f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}{l2}")
+            f"w{cfg.num_warps}x{cfg.programs_per_sm} {' '.join(flags)}")
 
 
 def parse_config(text: str) -> FusedConfig:
