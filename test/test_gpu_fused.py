@@ -163,6 +163,7 @@ def test_fused_bench_config_parser_names_bad_fields():
 
     assert parse_config("quad=0,block_n=512") == FusedConfig(quad=False, block_n=512)
     assert parse_config("") == FusedConfig()
+    assert parse_config("gate=0,gate_late=0,keep_l2=0") == FusedConfig(gate=0, gate_late=False, keep_l2=False)
     with pytest.raises(argparse.ArgumentTypeError, match="unknown field 'quadd'"):
         parse_config("quadd=1")
     with pytest.raises(argparse.ArgumentTypeError, match="num_warps must be"):
@@ -203,7 +204,7 @@ def test_unsupported_models_are_refused_with_the_reason():
 @pytest.mark.parametrize("kwargs,match", [
     ({"block_n": 96}, "block_n"), ({"num_warps": 3}, "num_warps"),
     ({"programs_per_sm": 3}, "programs_per_sm"), ({"l2_ahead": 17}, "l2_ahead"), ({"stages": 1}, "stages"),
-    ({"stages": 17}, "stages")])
+    ({"stages": 17}, "stages"), ({"gate": -1}, "gate"), ({"gate": 17}, "gate")])
 def test_config_validation_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedConfig(**kwargs)
@@ -355,26 +356,29 @@ sig = {"x_ptr": "*bf16", "out_ptr": "*bf16",
        "trace_ptr": "*i64", "n_layers": "i32", "eps": "fp32"}
 fn = gf.gluon_trunk_kernel
 out = {}
-for ws in (False, True):
+for ws, gate in ((False, 0), (True, 0), (True, 2)):
     c = {"D": 4096, "FFN": 11008, "GROUP": 128, "BLOCK_N": 512, "BLOCK_PD": 2048, "BLOCK_S": 1024,
          "BLOCK_PF": 8192, "SLICE": 128, "STREAM_STRIDE": 128, "HAS_BIAS": False, "MAX_SPIN": 1 << 22,
-         "TRACE": not ws, "STAGES": 4, "THREADS": 256, "TMA_W": 256, "WS": ws}  # (the timeline build too)
+         "TRACE": not ws, "STAGES": 4, "THREADS": 256, "TMA_W": 256, "WS": ws,
+         "ONE_RT": ws, "AHEAD": ws, "EVICT": "evict_last" if ws else "", "GATE": gate,
+         "GATE_LATE": gate > 0}  # (the timeline build too)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t[0] == "*"}
     src = GluonASTSource(fn, {**sig, **{k: "constexpr" for k in c}}, c, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     ptx = k.asm["ptx"]
     r = {"tma": ptx.count("cp.async.bulk.tensor.2d"), "try_wait": ptx.count("mbarrier.try_wait"),
+         "arrive": ptx.count("mbarrier.arrive"), "evict_last": ptx.count("L2::evict_last"),
          "release": len(re.findall(r"atom\.global\.gpu\.release\.add|red\.global\.gpu\.release\.add", ptx)),
          "shared": int(k.metadata.shared), "setmaxnreg": ptx.count("setmaxnreg")}
     BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(BIN):
-        path = os.path.join(os.environ["SASS_DIR"], f"gluon{int(ws)}.cubin")
+        path = os.path.join(os.environ["SASS_DIR"], f"gluon{int(ws)}{gate}.cubin")
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])
         res = subprocess.run([BIN, "--dump-resource-usage", path], capture_output=True, text=True,
                              check=True).stdout
         r["local"] = int(re.search(r"LOCAL:(\d+)", res).group(1))
-    out[f"ws{int(ws)}"] = r
+    out[f"ws{int(ws)}" + (f"gate{gate}" if gate else "")] = r
 print(json.dumps(out))
 """
 
@@ -388,3 +392,8 @@ def test_tma_kernel_compiles_for_hopper_with_and_without_a_producer_warp(tmp_pat
         assert 4 * 34816 + 8192 * 4 <= r[key]["shared"] <= 227 * 1024  # 4 slots of 34 KB, the input row
         assert r[key].get("local", 0) == 0
     assert r["ws1"]["setmaxnreg"] >= 1 and r["ws0"]["setmaxnreg"] == 0  # the producer gives up registers
+    assert r["ws1"]["evict_last"] >= 1 and r["ws0"]["evict_last"] == 0  # EVICT reaches the constant loads
+    # the gate: the producer also waits on the "passed" mbarrier, the compute warps arrive on it
+    gated = r["ws1gate2"]
+    assert gated["try_wait"] > r["ws1"]["try_wait"] and gated["arrive"] > r["ws1"]["arrive"]
+    assert gated.get("local", 0) == 0 and gated["tma"] >= 2

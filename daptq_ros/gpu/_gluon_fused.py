@@ -13,6 +13,16 @@ cells are (being) loaded. The registers hold only the cell being computed. With 
 extra producer warp (``gl.warp_specialize``) issues the copies and the compute warps signal each
 slot's "empty" mbarrier; otherwise the compute warps refill the slot themselves.
 
+Weight reads in flight while a program waits at a grid barrier make the barrier slower (the
+ninth run measured it), so with ``GATE`` the producer issues only a GEMV's first ``GATE`` copies
+before its program has passed the barrier in front of that GEMV — with ``GATE_LATE``, before the
+GEMV's prologue is done: the compute warps arrive once per phase on a ``passed`` mbarrier, and
+the producer waits for the matching phase. The gate only changes how far the copies run ahead,
+never which data a slot holds (the slot mbarriers do that), so it cannot change the result.
+The small constants every phase reads (copy list, GEMV table, γ, β, biases) are loaded with the
+``evict_last`` L2 policy (``EVICT``), so the 160 MB weight stream does not evict them between
+launches, and each prologue issues all its loads before its first reduction (``ONE_RT``).
+
 The host passes each program's copy list (:func:`daptq_ros.gpu.fused.tma_copy_list`): the TMA
 row of every cell's words and of its scale pair row, in the order the program consumes them.
 Each prologue writes the GEMV input into shared memory (one row of packed words per K-group,
@@ -34,6 +44,7 @@ from daptq_ros.gpu._triton_fused import (
     META_N,
     META_STRIDE,
     _cell_range,
+    _load_affine,
     _load_pairs,
     _pack_f16x2,
     _q4x32_dot_asm,
@@ -58,10 +69,11 @@ def _reinterpret(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.cons
 
 
 @gluon.jit
-def _copy_rows(stream_ptr, n_stream, k):
+def _copy_rows(stream_ptr, n_stream, k, EVICT: gl.constexpr):
     """The TMA rows (words, scale pair) of the program's ``k``-th copy (clamped into its list)."""
     kk = gl.maximum(gl.minimum(k, n_stream - 1), 0)
-    return gl.load(stream_ptr + 2 * kk), gl.load(stream_ptr + 2 * kk + 1)
+    return (gl.load(stream_ptr + 2 * kk, eviction_policy=EVICT),
+            gl.load(stream_ptr + 2 * kk + 1, eviction_policy=EVICT))
 
 
 @gluon.jit
@@ -79,14 +91,54 @@ def _issue(ring, rows, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constex
 
 
 @gluon.jit
-def _producer(ring, stream_ptr, n_stream, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
+def _producer(ring, passed, meta_ptr, n_gemv, stream_ptr, n_stream, STAGES: gl.constexpr,
+              CELL_BYTES: gl.constexpr, AHEAD: gl.constexpr, EVICT: gl.constexpr, GATE: gl.constexpr):
     """The producer warp (``WS``): every copy of the program's list, each into its slot once the
     consumers have signalled it empty (mbarriers start with phase 1 complete: the first round
-    does not wait)."""
+    does not wait). With ``AHEAD`` the next copy's rows are loaded before the wait, so a freed
+    slot's copy is issued without a round trip to the copy list. With ``GATE`` > 0 (and ``AHEAD``)
+    only the first ``GATE`` copies of a GEMV are issued before the program has passed the grid
+    barrier that precedes it (the consumers signal ``passed`` once per barrier), so fewer weight
+    reads are in flight while it waits there. The wait is by parity: the slots keep the consumers
+    at most one phase ahead, and at most one behind unless the program has no cells in a GEMV —
+    then a gate may open early. Either way only the copies' timing changes, never a slot's data,
+    and every wait needs only GEMVs already issued (no deadlock)."""
+    empty = ring[5]
+    r0, r1 = _copy_rows(stream_ptr, n_stream, 0, EVICT)
+    if GATE > 0:
+        pid = gl.program_id(0)
+        n_prog = gl.num_programs(0)
+        k = 0
+        for j in range(n_gemv):
+            _, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, EVICT)
+            for i in range(c1 - c0):
+                n0, n1 = _copy_rows(stream_ptr, n_stream, k + 1, EVICT)
+                if (j > 0) & (i >= GATE):  # barrier j - 1 is the program's (j - 1)-th "passed" phase
+                    mbarrier.wait(passed, (j - 1) & 1)
+                mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+                _issue(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
+                r0 = n0
+                r1 = n1
+                k += 1
+    else:
+        _producer_flat(ring, stream_ptr, n_stream, r0, r1, STAGES, CELL_BYTES, AHEAD, EVICT)
+
+
+@gluon.jit
+def _producer_flat(ring, stream_ptr, n_stream, r0, r1, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr,
+                   AHEAD: gl.constexpr, EVICT: gl.constexpr):
+    """:func:`_producer` without the gate: the copies in list order, each once its slot is empty."""
     empty = ring[5]
     for k in range(n_stream):
-        mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
-        _issue(ring, _copy_rows(stream_ptr, n_stream, k), n_stream, k, STAGES, CELL_BYTES)
+        if AHEAD:
+            n0, n1 = _copy_rows(stream_ptr, n_stream, k + 1, EVICT)
+            mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+            _issue(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
+            r0 = n0
+            r1 = n1
+        else:
+            mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+            _issue(ring, _copy_rows(stream_ptr, n_stream, k, EVICT), n_stream, k, STAGES, CELL_BYTES)
 
 
 @gluon.jit
@@ -131,7 +183,8 @@ def _dot(w0, w1, w2, w3, x):
 @gluon.jit
 def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr, j, pid, n_prog,
                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
-                CELL_BYTES: gl.constexpr, LW: gl.constexpr, WS: gl.constexpr, BLOCK_S: gl.constexpr):
+                CELL_BYTES: gl.constexpr, LW: gl.constexpr, WS: gl.constexpr, BLOCK_S: gl.constexpr,
+                EVICT: gl.constexpr):
     """out[n] += Σ_k W_j[n, k] · act[k] over this program's cells of GEMV ``j``, consuming copies
     ``k``, ``k`` + 1, … of the ring. Once read, a slot is refilled with the copy ``STAGES`` on —
     here, or (``WS``) by the producer warp, which this signals on the slot's "empty" mbarrier.
@@ -145,10 +198,10 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     _, _, ring_w, ring_s, bars, empty = ring
-    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, EVICT)
     row = meta_ptr + j * META_STRIDE
-    n_out = gl.load(row + META_N).to(gl.int32)
-    b_base = vec_ptr + gl.load(row + META_BIAS)
+    n_out = gl.load(row + META_N, eviction_policy=EVICT).to(gl.int32)
+    b_base = vec_ptr + gl.load(row + META_BIAS, eviction_policy=EVICT)
     t = c0 // n_groups
     g = c0 - t * n_groups
     few = _spans_few_groups(c0, c1, n_groups, GROUP // 2, BLOCK_S)  # as the prologue decided
@@ -157,7 +210,7 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
     extra = gl.zeros([BLOCK_N], gl.float32, COLL)
     for c in range(c0, c1):
         if not WS:
-            refill = _copy_rows(stream_ptr, n_stream, k + STAGES)  # (loads issued before the wait)
+            refill = _copy_rows(stream_ptr, n_stream, k + STAGES, EVICT)  # (loads issued before the wait)
         x = _act_words(act_s, gl.where(few, c - c0, g), ROWL)
         slot = k % STAGES
         mbarrier.wait(bars.index(slot), (k // STAGES) & 1)
@@ -178,7 +231,7 @@ def _gemv_phase(ring, stream_ptr, n_stream, k, meta_ptr, vec_ptr, act_s, out_ptr
         acc += _dot(w0, w1, w2, w3, x) * bits.to(gl.float32, bitcast=True)[None, :]
         if HAS_BIAS:
             if g == 0:  # the range holding a tile's first group adds its bias, exactly once
-                extra += gl.load(b_base + t * BLOCK_N + offs_n)
+                extra += gl.load(b_base + t * BLOCK_N + offs_n, eviction_policy=EVICT)
         if (g == n_groups - 1) | (c == c1 - 1):
             rows = t * BLOCK_N + offs_n
             gl.atomic_add(out_ptr + rows, 16.0 * gl.sum(acc, axis=0) + extra, mask=rows < n_out,
@@ -206,10 +259,10 @@ def _pair_stats(e, o, mask, n, eps):
 
 @gluon.jit
 def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: gl.constexpr, BLOCK_S: gl.constexpr,
-                L1: gl.constexpr):
+                L1: gl.constexpr, EVICT: gl.constexpr):
     """Whether this program's cells of GEMV ``j`` span fewer K-groups than the row (and fit
     ``BLOCK_S`` pairs), and those groups' pair indices and mask (a run that may wrap)."""
-    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, EVICT)
     HALF: gl.constexpr = GROUP // 2
     i = gl.arange(0, BLOCK_S, layout=L1)
     few = _spans_few_groups(c0, c1, n_groups, HALF, BLOCK_S)
@@ -217,39 +270,47 @@ def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: gl.constexpr, BLOCK_S: gl.co
 
 
 @gluon.jit
-def _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_s, pairs, GROUP: gl.constexpr):
-    """(x - mean)·rstd·γ + β of the given pairs → packed words in the shared buffer."""
-    ge = gl.load(gamma_ptr + 2 * pairs, mask=mask)
-    go = gl.load(gamma_ptr + 2 * pairs + 1, mask=mask)
-    be = gl.load(beta_ptr + 2 * pairs, mask=mask)
-    bo = gl.load(beta_ptr + 2 * pairs + 1, mask=mask)
+def _normalize_store(e, o, mean, rstd, affine, act_s, GROUP: gl.constexpr):
+    """(x - mean)·rstd·γ + β of the given pairs (``affine`` from ``_load_affine``) → packed words
+    in the shared buffer."""
+    ge, go, be, bo = affine
     _store_act(act_s, _pack_f16x2((e - mean) * rstd * ge + be, (o - mean) * rstd * go + bo), GROUP)
 
 
 @gluon.jit
 def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
-                 SRC_BF16: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
+                 SRC_BF16: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr,
+                 ONE_RT: gl.constexpr, EVICT: gl.constexpr):
     """LayerNorm(src)·γ + β of this program's own K-groups (all of them when its cells span the
-    row) → its packed activation words; the statistics come from the whole row."""
+    row) → its packed activation words; the statistics come from the whole row. With ``ONE_RT``
+    γ and β are loaded with the row, before the reduction (one round trip instead of two)."""
     pairs = gl.arange(0, BLOCK_P, layout=L1)
     mask = pairs < n // 2
-    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1)
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1, EVICT)
     if few:
+        if ONE_RT:
+            affine = _load_affine(gamma_ptr, beta_ptr, mine, m, EVICT)
         me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
         e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
         mean, rstd = _pair_stats(e, o, mask, n, eps)
-        _normalize_store(me, mo, m, mean, rstd, gamma_ptr, beta_ptr, act_s, mine, GROUP)
+        if not ONE_RT:
+            affine = _load_affine(gamma_ptr, beta_ptr, mine, m, EVICT)
+        _normalize_store(me, mo, mean, rstd, affine, act_s, GROUP)
     else:
-        _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP, SRC_BF16)
+        _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP, SRC_BF16, ONE_RT, EVICT)
 
 
 @gluon.jit
 def _ln_row(src_ptr, gamma_ptr, beta_ptr, act_s, n, eps, pairs, mask, GROUP: gl.constexpr,
-            SRC_BF16: gl.constexpr):
+            SRC_BF16: gl.constexpr, ONE_RT: gl.constexpr, EVICT: gl.constexpr):
     """LayerNorm(src)·γ + β of the whole row → the shared activation buffer."""
+    if ONE_RT:
+        affine = _load_affine(gamma_ptr, beta_ptr, pairs, mask, EVICT)
     e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
     mean, rstd = _pair_stats(e, o, mask, n, eps)
-    _normalize_store(e, o, mask, mean, rstd, gamma_ptr, beta_ptr, act_s, pairs, GROUP)
+    if not ONE_RT:
+        affine = _load_affine(gamma_ptr, beta_ptr, pairs, mask, EVICT)
+    _normalize_store(e, o, mean, rstd, affine, act_s, GROUP)
 
 
 @gluon.jit
@@ -264,9 +325,10 @@ def _pointwise_pairs(src_ptr, act_s, pairs, mask, GELU: gl.constexpr, GROUP: gl.
 
 @gluon.jit
 def _prologue_pointwise(src_ptr, act_s, n, meta_ptr, j, pid, n_prog, GROUP: gl.constexpr,
-                        GELU: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr):
+                        GELU: gl.constexpr, BLOCK_P: gl.constexpr, BLOCK_S: gl.constexpr, L1: gl.constexpr,
+                        EVICT: gl.constexpr):
     """src (fp32), through tanh-GELU when ``GELU``, → this program's own packed activation words."""
-    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1)
+    few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S, L1, EVICT)
     if few:
         _pointwise_pairs(src_ptr, act_s, mine, m, GELU, GROUP)
     else:
@@ -300,16 +362,27 @@ def _copy_slice(src_ptr, dst_ptr, n, pid, n_prog, SLICE: gl.constexpr, L1: gl.co
 
 @gluon.jit
 def _final_norm(res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, pid, n_prog, BLOCK_P: gl.constexpr,
-                SLICE: gl.constexpr, L1: gl.constexpr):
-    """Final LayerNorm of the residual → this program's slice of the bf16 output."""
+                SLICE: gl.constexpr, L1: gl.constexpr, ONE_RT: gl.constexpr, EVICT: gl.constexpr):
+    """Final LayerNorm of the residual → this program's slice of the bf16 output (with ``ONE_RT``
+    the slice, γ and β are loaded with the row, before the reduction)."""
     pairs = gl.arange(0, BLOCK_P, layout=L1)
     mask = pairs < n // 2
+    offs, m = _slice_offsets(n, pid, n_prog, 0, SLICE, L1)
+    if ONE_RT:
+        v, ga, be = _slice_affine(res_ptr, gamma_ptr, beta_ptr, offs, m, EVICT)
     e, o = _load_pairs(res_ptr, pairs, mask, False)
     mean, rstd = _pair_stats(e, o, mask, n, eps)
-    offs, m = _slice_offsets(n, pid, n_prog, 0, SLICE, L1)
-    v = gl.load(res_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
-    y = (v - mean) * rstd * gl.load(gamma_ptr + offs, mask=m) + gl.load(beta_ptr + offs, mask=m)
-    gl.store(out_ptr + offs, y.to(gl.bfloat16), mask=m)
+    if not ONE_RT:
+        v, ga, be = _slice_affine(res_ptr, gamma_ptr, beta_ptr, offs, m, EVICT)
+    gl.store(out_ptr + offs, ((v - mean) * rstd * ga + be).to(gl.bfloat16), mask=m)
+
+
+@gluon.jit
+def _slice_affine(res_ptr, gamma_ptr, beta_ptr, offs, m, EVICT: gl.constexpr):
+    """The residual, γ and β at ``offs``."""
+    return (gl.load(res_ptr + offs, mask=m, other=0.0, cache_modifier=".cg"),
+            gl.load(gamma_ptr + offs, mask=m, eviction_policy=EVICT),
+            gl.load(beta_ptr + offs, mask=m, eviction_policy=EVICT))
 
 
 @gluon.jit
@@ -326,7 +399,8 @@ def _load_acquire(ptr, THREADS: gl.constexpr, L1: gl.constexpr):
 @gluon.jit
 def _await(bar_ptr, err_ptr, target, MAX_SPIN: gl.constexpr, THREADS: gl.constexpr, L1: gl.constexpr):
     """Poll the grid barrier's counter until ``target`` programs have arrived (error flag past
-    ``MAX_SPIN`` polls: a grid that is not co-resident)."""
+    ``MAX_SPIN`` polls: a grid that is not co-resident). (Measured: one thread polling in a loop of
+    its own, sharing the result once, was no faster; docs/gpu_bench.md, ninth run.)"""
     seen = _load_acquire(bar_ptr, THREADS, L1)
     spins = 0
     while (seen < target) & (spins < MAX_SPIN):
@@ -354,11 +428,17 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
                        BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr,
                        SLICE: gl.constexpr, STREAM_STRIDE: gl.constexpr,
                        HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
-                       STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr, WS: gl.constexpr):
+                       STAGES: gl.constexpr, THREADS: gl.constexpr, TMA_W: gl.constexpr, WS: gl.constexpr,
+                       ONE_RT: gl.constexpr, AHEAD: gl.constexpr, EVICT: gl.constexpr, GATE: gl.constexpr,
+                       GATE_LATE: gl.constexpr):
     """The whole one-token forward (module docstring), one persistent program per SM.
 
     ``WS``: one extra producer warp issues the copies (``gl.warp_specialize``); the ``THREADS``
     threads of the default partition only consume them. Otherwise the same threads do both.
+    ``ONE_RT``: every prologue issues all its loads before its first reduction. ``AHEAD``: the
+    producer loads each copy's rows before waiting for its slot. ``EVICT``: the L2 eviction
+    policy of the small constant loads (copy list, GEMV table, γ/β, biases), e.g. ``"evict_last"``
+    so that the weight stream does not evict them between launches.
     With ``TRACE`` every program writes four ``%globaltimer`` stamps per phase, as the Triton
     kernel does: phase start, prologue done, GEMV done, barrier passed."""
     # TMA views: the words and scale pairs as rows of TMA_W int32, a cell's words W_ROWS rows
@@ -368,9 +448,11 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
     ring_s = gl.allocate_shared_memory(gl.int32, [STAGES, S_ROWS, TMA_W], s_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    passed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # grid barriers passed
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    mbarrier.init(passed, count=1)
     _cta_barrier()
     ring = (w_desc, s_desc, ring_w, ring_s, bars, empty)
     pid = gl.program_id(0)
@@ -381,18 +463,21 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
     act_s = gl.allocate_shared_memory(gl.int32, [ACT_ROWS * 16, GROUP // 32],
                                       gl.SwizzledSharedLayout(1, 1, 1, [0]))
     body = (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_s, bar_ptr, err_ptr, trace_ptr,
-            n_layers, eps, ring, my_stream, n_stream)
+            n_layers, eps, ring, my_stream, n_stream, passed)
     if WS:
         gl.warp_specialize([(_trunk_body, (body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE,
-                                           HAS_BIAS, MAX_SPIN, TRACE, STAGES, THREADS, WS)),
-                            (_producer, (ring, my_stream, n_stream, STAGES,
-                                         (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4))], [1], [24])
+                                           HAS_BIAS, MAX_SPIN, TRACE, STAGES, THREADS, WS, ONE_RT, EVICT,
+                                           GATE, GATE_LATE)),
+                            (_producer, (ring, passed, meta_ptr, 4 * n_layers, my_stream, n_stream, STAGES,
+                                         (GROUP // 8) * BLOCK_N * 4 + BLOCK_N * 4, AHEAD, EVICT, GATE))],
+                           [1], [24])
     else:
         _trunk_body(body, D, FFN, GROUP, BLOCK_N, BLOCK_PD, BLOCK_PF, BLOCK_S, SLICE, HAS_BIAS, MAX_SPIN,
-                    TRACE, STAGES, THREADS, WS)
+                    TRACE, STAGES, THREADS, WS, ONE_RT, EVICT, GATE, GATE_LATE)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
         mbarrier.invalidate(empty.index(i))
+    mbarrier.invalidate(passed)
     n_prog = gl.num_programs(0)
     _cta_barrier()  # the last program out resets the counters for the next launch
     if gl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
@@ -404,10 +489,11 @@ def gluon_trunk_kernel(x_ptr, out_ptr, w_desc, s_desc, vec_ptr, meta_ptr, stream
 def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_PD: gl.constexpr, BLOCK_PF: gl.constexpr, BLOCK_S: gl.constexpr, SLICE: gl.constexpr,
                 HAS_BIAS: gl.constexpr, MAX_SPIN: gl.constexpr, TRACE: gl.constexpr,
-                STAGES: gl.constexpr, THREADS: gl.constexpr, WS: gl.constexpr):
+                STAGES: gl.constexpr, THREADS: gl.constexpr, WS: gl.constexpr, ONE_RT: gl.constexpr,
+                EVICT: gl.constexpr, GATE: gl.constexpr, GATE_LATE: gl.constexpr):
     """The phases: prologues, GEMVs (consuming the ring), grid barriers."""
     (x_ptr, out_ptr, vec_ptr, meta_ptr, res_ptr, qkv_ptr, f_ptr, act_s, bar_ptr, err_ptr, trace_ptr,
-     n_layers, eps, ring, my_stream, n_stream) = body
+     n_layers, eps, ring, my_stream, n_stream, passed) = body
     WARPS: gl.constexpr = THREADS // 32
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     # a [GROUP/32, BLOCK_N] quarter cell: SPT contiguous columns per lane, 8 lanes along a row,
@@ -418,7 +504,7 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
     pid = gl.program_id(0)
     n_prog = gl.num_programs(0)
     if not WS:  # the first cell now, the rest once the first prologue's loads are done
-        _issue(ring, _copy_rows(my_stream, n_stream, 0), n_stream, 0, STAGES, CELL_BYTES)
+        _issue(ring, _copy_rows(my_stream, n_stream, 0, EVICT), n_stream, 0, STAGES, CELL_BYTES)
     n_sync = 0
     n_phases = 4 * n_layers + 1
     k = 0
@@ -429,43 +515,55 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
         kind = ph % 4
         ln = vec_ptr + layer * 4 * D
         if layer == n_layers:
-            _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_PD, SLICE, L1)
+            _final_norm(res_ptr, ln, ln + D, out_ptr, D, eps, pid, n_prog, BLOCK_PD, SLICE, L1, ONE_RT, EVICT)
             _stamp(trace_ptr, stamps + 1, TRACE, L1)
             _stamp(trace_ptr, stamps + 2, TRACE, L1)
         else:
             if kind == 0:  # LN1 → QKV; the MLP accumulator is zeroed for this layer's FC1
-                if layer == 0:
-                    _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
-                                 BLOCK_PD, BLOCK_S, L1)
-                    _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE, L1)
+                if layer == 0:  # the input token becomes the residual (this program's share)
+                    if ONE_RT:  # its load issued with the prologue's (SLICE covers a share of D)
+                        offs, m = _slice_offsets(D, pid, n_prog, 0, SLICE, L1)
+                        x_share = gl.load(x_ptr + offs, mask=m)
+                        _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                                     BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
+                        gl.store(res_ptr + offs, x_share.to(gl.float32), mask=m)
+                    else:
+                        _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                                     BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
+                        _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE, L1)
                 else:
                     _prologue_ln(res_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,
-                                 BLOCK_PD, BLOCK_S, L1)
+                                 BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
                 _zero_slice(f_ptr, FFN, pid, n_prog, SLICE, L1)
                 dst = qkv_ptr
             elif kind == 1:  # attention over one key = v → O, added into the residual
                 _prologue_pointwise(qkv_ptr + 2 * D, act_s, D, meta_ptr, ph, pid, n_prog, GROUP, False,
-                                    BLOCK_PD, BLOCK_S, L1)
+                                    BLOCK_PD, BLOCK_S, L1, EVICT)
                 dst = res_ptr
             elif kind == 2:  # LN2 → FC1; the QKV accumulator is zeroed for the next layer
                 _prologue_ln(res_ptr, ln + 2 * D, ln + 3 * D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP,
-                             False, BLOCK_PD, BLOCK_S, L1)
+                             False, BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
                 _zero_slice(qkv_ptr, 3 * D, pid, n_prog, SLICE, L1)
                 dst = f_ptr
             else:  # GELU → FC2, added into the residual
                 _prologue_pointwise(f_ptr, act_s, FFN, meta_ptr, ph, pid, n_prog, GROUP, True, BLOCK_PF,
-                                    BLOCK_S, L1)
+                                    BLOCK_S, L1, EVICT)
                 dst = res_ptr
             _cta_barrier()  # the packed input is written before any thread reads it
+            if WS and (GATE > 0) and GATE_LATE:
+                if ph > 0:  # barrier ph - 1 passed and this prologue's loads done: the rest may stream
+                    mbarrier.arrive(passed, count=1)
             if (not WS) and (ph == 0):
                 for i in gl.static_range(1, STAGES):
-                    _issue(ring, _copy_rows(my_stream, n_stream, i), n_stream, i, STAGES, CELL_BYTES)
+                    _issue(ring, _copy_rows(my_stream, n_stream, i, EVICT), n_stream, i, STAGES, CELL_BYTES)
             _stamp(trace_ptr, stamps + 1, TRACE, L1)
             k = _gemv_phase(ring, my_stream, n_stream, k, meta_ptr, vec_ptr, act_s, dst, ph, pid, n_prog,
-                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW, WS, BLOCK_S)
+                            GROUP, BLOCK_N, HAS_BIAS, STAGES, CELL_BYTES, LW, WS, BLOCK_S, EVICT)
             _stamp(trace_ptr, stamps + 2, TRACE, L1)
             n_sync += 1
             _cta_barrier()
             gl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
             _await(bar_ptr, err_ptr, n_sync * n_prog, MAX_SPIN, THREADS, L1)
+            if WS and (GATE > 0) and (not GATE_LATE):
+                mbarrier.arrive(passed, count=1)  # the producer may issue the next GEMV's later copies
         _stamp(trace_ptr, stamps + 3, TRACE, L1)

@@ -87,11 +87,12 @@ def _pack_f16x2(even, odd):
 
 
 @triton.jit
-def _cell_range(meta_ptr, j, pid, n_prog):
-    """GEMV ``j``'s cell count per tile, and this program's cell range [c0, c1)."""
+def _cell_range(meta_ptr, j, pid, n_prog, EVICT: tl.constexpr):
+    """GEMV ``j``'s cell count per tile, and this program's cell range [c0, c1) (the table's loads
+    with L2 eviction policy ``EVICT``)."""
     row = meta_ptr + j * META_STRIDE
-    n_groups = tl.load(row + META_GROUPS).to(tl.int32)
-    n_cells = tl.load(row + META_TILES).to(tl.int32) * n_groups
+    n_groups = tl.load(row + META_GROUPS, eviction_policy=EVICT).to(tl.int32)
+    n_cells = tl.load(row + META_TILES, eviction_policy=EVICT).to(tl.int32) * n_groups
     return n_groups, pid * n_cells // n_prog, (pid + 1) * n_cells // n_prog
 
 
@@ -212,7 +213,7 @@ def _gemv_setup(w_ptr, s_ptr, meta_ptr, act_ptr, j, pid, n_prog, GROUP: tl.const
     GW: tl.constexpr = GROUP // 8
     ROWS: tl.constexpr = GW // 4 if QUAD else GW
     row = meta_ptr + j * META_STRIDE
-    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, "")
     w_base = w_ptr + tl.multiple_of(tl.load(row + META_W), 16)  # the host aligns every offset to 16
     s_base = s_ptr + tl.multiple_of(tl.load(row + META_S), 16)
     src = (w_base, s_base, act_ptr, n_groups, tl.arange(0, ROWS), tl.arange(0, BLOCK_N))
@@ -365,10 +366,12 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _load_affine(gamma_ptr, beta_ptr, pairs, mask):
-    """γ and β of the given pairs (even, odd elements each)."""
-    return (tl.load(gamma_ptr + 2 * pairs, mask=mask), tl.load(gamma_ptr + 2 * pairs + 1, mask=mask),
-            tl.load(beta_ptr + 2 * pairs, mask=mask), tl.load(beta_ptr + 2 * pairs + 1, mask=mask))
+def _load_affine(gamma_ptr, beta_ptr, pairs, mask, EVICT: tl.constexpr):
+    """γ and β of the given pairs (even, odd elements each; L2 eviction policy ``EVICT``)."""
+    return (tl.load(gamma_ptr + 2 * pairs, mask=mask, eviction_policy=EVICT),
+            tl.load(gamma_ptr + 2 * pairs + 1, mask=mask, eviction_policy=EVICT),
+            tl.load(beta_ptr + 2 * pairs, mask=mask, eviction_policy=EVICT),
+            tl.load(beta_ptr + 2 * pairs + 1, mask=mask, eviction_policy=EVICT))
 
 
 @triton.jit
@@ -401,7 +404,7 @@ def _own_groups(meta_ptr, j, pid, n_prog, n, GROUP: tl.constexpr, BLOCK_S: tl.co
     """Whether this program's cells of GEMV ``j`` span fewer K-groups than the length-``n`` row
     (and fit ``BLOCK_S`` pairs), and the pair indices of those groups with their mask (a run that
     may wrap at the row's end)."""
-    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog)
+    n_groups, c0, c1 = _cell_range(meta_ptr, j, pid, n_prog, "")
     HALF: tl.constexpr = GROUP // 2
     i = tl.arange(0, BLOCK_S)
     few = _spans_few_groups(c0, c1, n_groups, HALF, BLOCK_S)
@@ -422,13 +425,13 @@ def _prologue_ln(src_ptr, gamma_ptr, beta_ptr, act_ptr, n, eps, meta_ptr, j, pid
     few, mine, m = _own_groups(meta_ptr, j, pid, n_prog, n, GROUP, BLOCK_S)
     if SUBSET and few:  # every load is issued before the reductions (one L2 round trip)
         me, mo = _load_pairs(src_ptr, mine, m, SRC_BF16)
-        mine_affine = _load_affine(gamma_ptr, beta_ptr, mine, m)  # (branch-local names: other shapes)
+        mine_affine = _load_affine(gamma_ptr, beta_ptr, mine, m, "")  # (branch-local names: other shapes)
         e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
         mean, rstd = _pair_stats(e, o, mask, n, eps)
         _normalize_store(me, mo, m, mean, rstd, mine_affine, act_ptr, mine)
     else:
         e, o = _load_pairs(src_ptr, pairs, mask, SRC_BF16)
-        affine = _load_affine(gamma_ptr, beta_ptr, pairs, mask)
+        affine = _load_affine(gamma_ptr, beta_ptr, pairs, mask, "")
         mean, rstd = _pair_stats(e, o, mask, n, eps)
         _normalize_store(e, o, mask, mean, rstd, affine, act_ptr, pairs)
 

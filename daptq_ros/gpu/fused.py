@@ -78,6 +78,17 @@ class FusedConfig:
         stages: slots of that ring (each one cell: 32 KB of words and 2 KB of scales at 512 rows).
         ws: with ``tma``, one extra producer warp issues the copies (warp specialization), so the
             compute warps only wait for, read and release slots.
+        one_rt: with ``tma``, every prologue issues all its loads (γ, β, the input token's share of
+            the residual) before its first reduction: one round trip to memory instead of two.
+        ahead: with ``tma`` and ``ws``, the producer loads each copy's rows from the copy list
+            before it waits for the slot, not after.
+        keep_l2: with ``tma``, the small constants (copy lists, GEMV table, γ, β, biases) are
+            loaded with the ``evict_last`` L2 policy, so the weight stream does not evict them.
+        gate: with ``tma``, ``ws`` and ``ahead``, > 0: only the first ``gate`` copies of a GEMV are
+            issued before the program has passed the grid barrier preceding it (0: no gate), so
+            fewer weight reads are in flight while the program waits there.
+        gate_late: the gate opens once the GEMV's prologue is done (its loads are back), not at
+            the barrier.
     """
 
     block_n: int = 512  # seventh run: 256 → 512 cut the GEMV time by ~15 % (docs/gpu_bench.md)
@@ -89,8 +100,13 @@ class FusedConfig:
     ln_subset: bool = True  # seventh run: 2 % faster
     early_arrive: bool = True  # seventh run: 4 % faster
     tma: bool = True  # eighth run: 0.078-0.081 ms, the register ring 0.092-0.093 (docs/gpu_bench.md)
-    stages: int = 4  # eighth run: 4 slots as fast as 5 or 6; 8 at 256 rows slower
+    stages: int = 3  # ninth run: 3 slots faster than 2, 4 or 5 (docs/gpu_bench.md)
     ws: bool = True  # eighth run: 0.0782 against 0.0807 ms (GEMVs at DRAM pace, longer barrier waits)
+    one_rt: bool = True  # ninth run: these three together 0.0761 against 0.0790 ms (4 slots, no gate)
+    ahead: bool = True
+    keep_l2: bool = True
+    gate: int = 2  # ninth run: 0.0718-0.0723 against 0.0750-0.0752 ms without the gate, 1: 0.0742
+    gate_late: bool = True  # ninth run: 0.0692 against 0.0718 ms
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -103,6 +119,8 @@ class FusedConfig:
             raise ValueError(f"l2_ahead must be in [0, 16], got {self.l2_ahead}")
         if not 2 <= self.stages <= 16:
             raise ValueError(f"stages must be in [2, 16], got {self.stages}")
+        if not 0 <= self.gate <= 16:
+            raise ValueError(f"gate must be in [0, 16], got {self.gate}")
 
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,7 +541,10 @@ class FusedTrunk(nn.Module):
                 "MAX_SPIN", "TRACE", "THREADS", "num_warps")
         gconsts = {k: consts[k] for k in keep}
         gconsts.update(STREAM_STRIDE=g["stride"], STAGES=self.config.stages,
-                       TMA_W=tma_width(self.config.block_n), WS=self.config.ws, num_stages=1)
+                       TMA_W=tma_width(self.config.block_n), WS=self.config.ws, ONE_RT=self.config.one_rt,
+                       AHEAD=self.config.ahead, EVICT="evict_last" if self.config.keep_l2 else "",
+                       GATE=self.config.gate if self.config.ahead else 0, GATE_LATE=self.config.gate_late,
+                       num_stages=1)
         if self.config.ws:  # the producer's warpgroup gives its registers to the compute warps
             gconsts["maxnreg"] = 65536 // (32 * (self.config.num_warps + _PRODUCER_WARPS)) // 8 * 8
         args = (x1, out, g["w_desc"], g["s_desc"], self.vecs, self.meta, g["stream"], g["n_stream"], s["res"],
@@ -562,10 +583,10 @@ class FusedTrunk(nn.Module):
         self._checked_residency.add(key)
 
 
-# What fuse_trunk times on a GPU when no config is given (the default first): the eighth run's
-# TMA ring with its producer warp (docs/gpu_bench.md), the same without, and the seventh run's
-# register-ring Triton kernel.
-TUNE_CANDIDATES = (FusedConfig(), FusedConfig(ws=False), FusedConfig(tma=False))
+# What fuse_trunk times on a GPU when no config is given (the default first): the ninth run's
+# gated TMA ring with its producer warp (docs/gpu_bench.md), its gate opened at the barrier
+# instead, the ring without the producer warp, and the seventh run's register-ring Triton kernel.
+TUNE_CANDIDATES = (FusedConfig(), FusedConfig(gate_late=False), FusedConfig(ws=False), FusedConfig(tma=False))
 _TUNE_REL_ERR_MAX = 2e-2
 
 

@@ -36,15 +36,18 @@ log = logging.getLogger("daptq_ros.gpu.fused_bench")
 TRUNKS = {"trunk-315m-d4096": lambda: wide_trunk_config(2), "trunk-302m": lambda: vla_trunk_config(6),
           "trunk-1007m": lambda: vla_trunk_config(20)}
 BASE = FusedConfig()
-# One change at a time from the default (the TMA ring), then the Triton register-ring kernel and
-# its per-phase ablation.
-GRID = [BASE, replace(BASE, ws=False), replace(BASE, stages=5), replace(BASE, block_n=256, stages=8),
+# One change at a time from the default (the gated TMA ring), the eighth run's default, then the
+# Triton register-ring kernel and its per-phase ablation.
+GRID = [BASE, replace(BASE, gate_late=False), replace(BASE, gate=0), replace(BASE, stages=4),
+        replace(BASE, ws=False), replace(BASE, one_rt=False, ahead=False, keep_l2=False, gate=0, stages=4),
         replace(BASE, tma=False), replace(BASE, tma=False, persistent=False)]
 
 
 def _label(cfg: FusedConfig) -> str:
     if cfg.tma:
-        flags = [f"tma{cfg.stages}", *(["ws"] if cfg.ws else [])]
+        knobs = (("ws", cfg.ws), ("1rt", cfg.one_rt), ("ahead", cfg.ahead), ("keep", cfg.keep_l2),
+                 (f"gate{cfg.gate}", cfg.gate), ("late", cfg.gate and cfg.gate_late))
+        flags = [f"tma{cfg.stages}", *(name for name, on in knobs if on)]
     else:  # the Triton kernel's own knobs
         flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive),
                                        ("lnsub", cfg.ln_subset), (f"l2+{cfg.l2_ahead}", cfg.l2_ahead)) if on]
