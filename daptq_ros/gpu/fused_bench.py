@@ -118,7 +118,8 @@ def plot_trace(tr: dict, path: Path) -> Path | None:
     ax.set_yticks(range(len(phases)), [ph["phase"] for ph in phases])
     ax.invert_yaxis()
     ax.set_xlabel("µs from the first program's start (medians over programs)")
-    ax.set_title(f"{tr['model']}, {tr['label']}: {tr['total_us']:.1f} µs traced, {tr['programs']} programs")
+    ax.set_title(f"{tr['model']}, {tr['label']}\n{tr['total_us']:.1f} µs traced, {tr['programs']} programs",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
