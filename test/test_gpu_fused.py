@@ -164,6 +164,10 @@ def test_fused_bench_config_parser_names_bad_fields():
     assert parse_config("quad=0,block_n=512") == FusedConfig(quad=False, block_n=512)
     assert parse_config("") == FusedConfig()
     assert parse_config("gate=0,gate_late=0,keep_l2=0") == FusedConfig(gate=0, gate_late=False, keep_l2=False)
+    # the gate is the producer warp's, and needs the copy rows loaded ahead
+    assert FusedConfig().active_gate == 2
+    for off in ({"ws": False}, {"ahead": False}, {"tma": False}):
+        assert FusedConfig(**off).active_gate == 0
     with pytest.raises(argparse.ArgumentTypeError, match="unknown field 'quadd'"):
         parse_config("quadd=1")
     with pytest.raises(argparse.ArgumentTypeError, match="num_warps must be"):

@@ -91,6 +91,13 @@ def _issue(ring, rows, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constex
 
 
 @gluon.jit
+def _fill(ring, rows, n_stream, k, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr):
+    """Once the consumers have signalled slot k % STAGES empty, its copy ``k`` (:func:`_issue`)."""
+    mbarrier.wait(ring[5].index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+    _issue(ring, rows, n_stream, k, STAGES, CELL_BYTES)
+
+
+@gluon.jit
 def _producer(ring, passed, meta_ptr, n_gemv, stream_ptr, n_stream, STAGES: gl.constexpr,
               CELL_BYTES: gl.constexpr, AHEAD: gl.constexpr, EVICT: gl.constexpr, GATE: gl.constexpr):
     """The producer warp (``WS``): every copy of the program's list, each into its slot once the
@@ -103,7 +110,6 @@ def _producer(ring, passed, meta_ptr, n_gemv, stream_ptr, n_stream, STAGES: gl.c
     at most one phase ahead, and at most one behind unless the program has no cells in a GEMV —
     then a gate may open early. Either way only the copies' timing changes, never a slot's data,
     and every wait needs only GEMVs already issued (no deadlock)."""
-    empty = ring[5]
     r0, r1 = _copy_rows(stream_ptr, n_stream, 0, EVICT)
     if GATE > 0:
         pid = gl.program_id(0)
@@ -115,8 +121,7 @@ def _producer(ring, passed, meta_ptr, n_gemv, stream_ptr, n_stream, STAGES: gl.c
                 n0, n1 = _copy_rows(stream_ptr, n_stream, k + 1, EVICT)
                 if (j > 0) & (i >= GATE):  # barrier j - 1 is the program's (j - 1)-th "passed" phase
                     mbarrier.wait(passed, (j - 1) & 1)
-                mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
-                _issue(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
+                _fill(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
                 r0 = n0
                 r1 = n1
                 k += 1
@@ -128,16 +133,14 @@ def _producer(ring, passed, meta_ptr, n_gemv, stream_ptr, n_stream, STAGES: gl.c
 def _producer_flat(ring, stream_ptr, n_stream, r0, r1, STAGES: gl.constexpr, CELL_BYTES: gl.constexpr,
                    AHEAD: gl.constexpr, EVICT: gl.constexpr):
     """:func:`_producer` without the gate: the copies in list order, each once its slot is empty."""
-    empty = ring[5]
     for k in range(n_stream):
         if AHEAD:
             n0, n1 = _copy_rows(stream_ptr, n_stream, k + 1, EVICT)
-            mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
-            _issue(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
+            _fill(ring, (r0, r1), n_stream, k, STAGES, CELL_BYTES)
             r0 = n0
             r1 = n1
-        else:
-            mbarrier.wait(empty.index(k % STAGES), ((k // STAGES) & 1) ^ 1)
+        else:  # the rows are loaded after the wait (the ablation of AHEAD)
+            mbarrier.wait(ring[5].index(k % STAGES), ((k // STAGES) & 1) ^ 1)
             _issue(ring, _copy_rows(stream_ptr, n_stream, k, EVICT), n_stream, k, STAGES, CELL_BYTES)
 
 
@@ -524,12 +527,11 @@ def _trunk_body(body, D: gl.constexpr, FFN: gl.constexpr, GROUP: gl.constexpr, B
                     if ONE_RT:  # its load issued with the prologue's (SLICE covers a share of D)
                         offs, m = _slice_offsets(D, pid, n_prog, 0, SLICE, L1)
                         x_share = gl.load(x_ptr + offs, mask=m)
-                        _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
-                                     BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
+                    _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
+                                 BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
+                    if ONE_RT:
                         gl.store(res_ptr + offs, x_share.to(gl.float32), mask=m)
                     else:
-                        _prologue_ln(x_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, True,
-                                     BLOCK_PD, BLOCK_S, L1, ONE_RT, EVICT)
                         _copy_slice(x_ptr, res_ptr, D, pid, n_prog, SLICE, L1)
                 else:
                     _prologue_ln(res_ptr, ln, ln + D, act_s, D, eps, meta_ptr, ph, pid, n_prog, GROUP, False,

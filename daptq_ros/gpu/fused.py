@@ -122,6 +122,12 @@ class FusedConfig:
         if not 0 <= self.gate <= 16:
             raise ValueError(f"gate must be in [0, 16], got {self.gate}")
 
+    @property
+    def active_gate(self) -> int:
+        """The gate the kernel runs: ``gate`` where it applies (the TMA kernel's producer warp with
+        ``ahead``), else 0."""
+        return self.gate if self.tma and self.ws and self.ahead else 0
+
 
 def tile_kmajor(weight: Int4KMajorWeight, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K-major words (K/8, N) and scales (K/G, N) → tile-major cells.
@@ -543,7 +549,7 @@ class FusedTrunk(nn.Module):
         gconsts.update(STREAM_STRIDE=g["stride"], STAGES=self.config.stages,
                        TMA_W=tma_width(self.config.block_n), WS=self.config.ws, ONE_RT=self.config.one_rt,
                        AHEAD=self.config.ahead, EVICT="evict_last" if self.config.keep_l2 else "",
-                       GATE=self.config.gate if self.config.ahead else 0, GATE_LATE=self.config.gate_late,
+                       GATE=self.config.active_gate, GATE_LATE=self.config.gate_late,
                        num_stages=1)
         if self.config.ws:  # the producer's warpgroup gives its registers to the compute warps
             gconsts["maxnreg"] = 65536 // (32 * (self.config.num_warps + _PRODUCER_WARPS)) // 8 * 8

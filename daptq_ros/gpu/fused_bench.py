@@ -45,9 +45,9 @@ GRID = [BASE, replace(BASE, gate_late=False), replace(BASE, gate=0), replace(BAS
 
 def _label(cfg: FusedConfig) -> str:
     if cfg.tma:
-        gated = cfg.gate and cfg.ws and cfg.ahead  # (the gate is the producer warp's)
+        gate = cfg.active_gate
         knobs = (("ws", cfg.ws), ("1rt", cfg.one_rt), ("ahead", cfg.ahead), ("keep", cfg.keep_l2),
-                 (f"gate{cfg.gate}", gated), ("late", gated and cfg.gate_late))
+                 (f"gate{gate}", gate), ("late", gate and cfg.gate_late))
         flags = [f"tma{cfg.stages}", *(name for name, on in knobs if on)]
     else:  # the Triton kernel's own knobs
         flags = [name for name, on in (("quad", cfg.quad), ("early", cfg.early_arrive),
